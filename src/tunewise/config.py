@@ -1,0 +1,200 @@
+"""The typed config tree (task, data, model, lora, train, eval, decide) loaded from YAML.
+
+A `tunewise.yaml` is a serialized `Config`. Unknown keys and wrong types are errors that name
+the key (and its line in the file); `--set a.b=value` overrides any leaf before validation.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunewise.decide import Answers
+from tunewise.errors import TunewiseError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    name: str = Field("task", description="Short name; used in the run folder name.")
+    system_prompt: str = Field(
+        "", description="System prompt for every arm and for training (a record's own wins)."
+    )
+    output_type: Literal["auto", "label", "json", "text"] = Field(
+        "auto", description="How outputs are scored; auto detects it from the training outputs."
+    )
+
+
+class DataConfig(_Strict):
+    path: str = Field(..., description="JSONL file with chat, Alpaca or prompt/completion rows.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for validation.")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for the verdict.")
+    seed: int = Field(0, description="Seed of the split shuffle.")
+    max_examples: int | None = Field(
+        None, gt=0, description="Use a seeded sample of this many examples (quick runs)."
+    )
+
+
+class ModelConfig(_Strict):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="Embedded model name, a local Hugging Face folder, or a hub id (org/name).",
+    )
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2*r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "attention", description="Preset ('attention', 'all-linear') or module names."
+    )
+
+
+class TrainConfig(_Strict):
+    epochs: int | None = Field(None, gt=0, description="Passes over the train split; derived if unset.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (cosine schedule with warmup).")
+    batch_size: int | None = Field(None, gt=0, description="Examples per step; derived if unset.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_seq_len: int | None = Field(None, gt=8, description="Longest example in tokens; derived if unset.")
+    evals_per_epoch: int = Field(2, gt=0, description="Validation-loss evaluations per epoch.")
+    seed: int = Field(0, description="Seed of LoRA init, dropout and batch order.")
+
+
+class EvalConfig(_Strict):
+    few_shot_k: int = Field(3, ge=1, description="Examples from the train split in the few-shot arm.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Generation budget; derived if unset.")
+    batch_size: int = Field(32, gt=0, description="Prompts generated together.")
+    max_test: int | None = Field(None, gt=0, description="Score only the first N test items.")
+    margin: float = Field(0.02, ge=0, description="Gain over the best baseline required to ship.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the paired test.")
+    bootstrap_samples: int = Field(2000, ge=100, description="Resamples for bootstrap intervals.")
+    report_samples: int = Field(20, ge=0, description="Test items shown side by side in the report.")
+
+
+class Config(_Strict):
+    task: TaskConfig = Field(default_factory=TaskConfig, description="What the model must do.")
+    data: DataConfig = Field(..., description="Where the examples are and how they are split.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer and schedule.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Baselines, metrics, verdict.")
+    decide: Answers | None = Field(None, description="Answers to `tunewise decide`'s questions.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "Config":
+        if self.data.val_fraction + self.data.test_fraction >= 0.5:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 0.5")
+        return self
+
+
+def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest YAML node on the path `loc`, if the file has it."""
+    node, line = root, None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == str(part):
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model of the section at `loc` (to list its valid keys)."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        candidates = (field.annotation, *typing.get_args(field.annotation))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise TunewiseError(
+            f"override '{assignment}' is not of the form key=value", fix="e.g. --set train.lr=1e-4"
+        )
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TunewiseError(f"cannot set '{key}': '{part}' is not a section", field=key)
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config file; data.path becomes absolute."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TunewiseError("config file not found", file=path, fix="run `tunewise init DIR` to write one")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TunewiseError(f"cannot read config file: {err}", file=path)
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise TunewiseError(
+            f"not valid YAML: {getattr(err, 'problem', err)}",
+            file=path,
+            line=mark.line + 1 if mark else None,
+        )
+    if not isinstance(raw, dict):
+        raise TunewiseError("the config must be a mapping of sections (task, data, ...)", file=path)
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    return _validate(raw, path, root)
+
+
+def _validate(raw: dict, path: Path, root: yaml.Node | None) -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(first["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            parent = _section_model(loc[:-1])
+            valid = ", ".join(parent.model_fields) if parent else ""
+            raise TunewiseError(
+                "unknown key",
+                file=path,
+                line=_key_line(root, loc),
+                field=key,
+                fix=f"valid keys here: {valid}" if valid else "remove it",
+            )
+        if first["type"] == "missing":
+            raise TunewiseError("required key is missing", file=path, field=key, fix=f"add '{key}:'")
+        raise TunewiseError(
+            f"{first['msg']} (got {first.get('input')!r})",
+            file=path,
+            line=_key_line(root, loc),
+            field=key,
+        )
+    data_path = Path(config.data.path)
+    if not data_path.is_absolute():
+        config.data.path = str((path.parent / data_path).resolve())
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (what a run actually used)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Generation runner, baseline arms, metrics, statistics, verdict."""

@@ -1,0 +1,23 @@
+"""Resolve a base model to a local Hugging Face folder: embedded registry, local folder, hub id."""
+
+from tunewise.models.resolve import (
+    EMBEDDED,
+    EmbeddedModel,
+    cache_dir,
+    compute_dtype,
+    import_embedded,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+)
+
+__all__ = [
+    "EMBEDDED",
+    "EmbeddedModel",
+    "cache_dir",
+    "compute_dtype",
+    "import_embedded",
+    "load_model",
+    "load_tokenizer",
+    "resolve_base",
+]

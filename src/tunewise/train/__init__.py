@@ -1,0 +1,1 @@
+"""Training recipes (LoRA SFT) and their components."""
