@@ -154,7 +154,7 @@ def main() -> None:
     try:
         app()
     except TunewiseError as err:
-        Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(err)))
+        Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(err)))
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random llama with the embedded model's tokenizer, and small data files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import label_rows, write_jsonl
+from tunewise.models import load_tokenizer, resolve_base
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    """The embedded SmolLM2 as a safetensors folder (imported once into the cache)."""
+    return resolve_base("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_path):
+    return load_tokenizer(embedded_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_path, tokenizer) -> Path:
+    """A 2-layer random llama (seconds to train) that shares the embedded model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def make_project(tmp_path, tiny_model_dir):
+    """Write data + tunewise.yaml for the tiny model; returns the config path."""
+
+    def make(rows: list | None = None, extra: str = "") -> Path:
+        write_jsonl(tmp_path / "data.jsonl", rows if rows is not None else label_rows(60))
+        config = tmp_path / "tunewise.yaml"
+        config.write_text(
+            f"""task:
+  name: tiny
+  system_prompt: Reply with JSON.
+data:
+  path: data.jsonl
+model:
+  base: {tiny_model_dir}
+train:
+  epochs: 2
+  batch_size: 8
+  lr: 0.01
+eval:
+  max_new_tokens: 8
+  bootstrap_samples: 200
+{extra}""",
+            encoding="utf-8",
+        )
+        return config
+
+    return make

@@ -1,0 +1,104 @@
+"""Bad input through the real entry point: a short message, exit code 2, no traceback, no run."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import label_rows, write_jsonl
+from tunewise.cli import main
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out + out.err
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing_data", "data file not found"),
+        ("not_json", "none of the 1 lines"),
+        ("unknown_format", "unknown format"),
+        ("empty_strings", "field 'content' is empty"),
+        ("empty_file", "data file is empty"),
+        ("misspelled_key", "train.learning_rate"),
+        ("bad_model", "did you mean 'smollm2-135m-instruct'"),
+        ("unreadable", "cannot read data file"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_no_run(tmp_path, monkeypatch, capsys, make_project, case, expect):
+    rows = label_rows(30)
+    if case == "not_json":
+        rows = ["{this is not json"]
+    elif case == "unknown_format":
+        rows = [{"question": "q", "answer": "a"}] * 3
+    elif case == "empty_strings":
+        rows = [{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}]
+    elif case == "empty_file":
+        rows = []
+    config = make_project(rows)
+    if case == "misspelled_key":
+        config.write_text(config.read_text().replace("  lr: 0.01\n", "  learning_rate: 0.1\n"))
+    if case == "missing_data":
+        (tmp_path / "data.jsonl").unlink()
+    if case == "bad_model":
+        config.write_text(config.read_text().replace("base: ", "base: smollm2-135m-instuct #"))
+    if case == "unreadable":
+        (tmp_path / "data.jsonl").unlink()
+        (tmp_path / "data.jsonl").mkdir()
+    code, output = run_cli(monkeypatch, capsys, "run", "-c", str(config), "--runs", str(tmp_path / "runs"))
+    assert code == 2
+    assert expect in output, output
+    assert "Traceback" not in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_misspelled_key_names_file_and_line(tmp_path, monkeypatch, capsys, make_project):
+    config = make_project()
+    config.write_text(config.read_text().replace("  lr: 0.01\n", "  learning_rate: 0.1\n"))
+    code, output = run_cli(monkeypatch, capsys, "run", "-c", str(config))
+    assert code == 2 and "tunewise.yaml:" in output and "unknown key" in output and "valid keys" in output
+
+
+def test_resume_of_a_non_run_folder(tmp_path, monkeypatch, capsys):
+    code, output = run_cli(monkeypatch, capsys, "run", "--resume", str(tmp_path))
+    assert code == 2 and "not a tunewise run folder" in output
+
+
+def test_init_writes_a_valid_project_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    from tunewise.config import load_config
+
+    code, _ = run_cli(monkeypatch, capsys, "init", str(tmp_path / "p"))
+    assert code in (0, None)
+    config = load_config(tmp_path / "p" / "tunewise.yaml")
+    assert config.data.path == str(tmp_path / "p" / "packages.jsonl")
+    assert "#" in (tmp_path / "p" / "tunewise.yaml").read_text()  # commented
+    code, output = run_cli(monkeypatch, capsys, "init", str(tmp_path / "p"))
+    assert code == 2 and "would overwrite" in output
+
+
+def test_decide_from_answers_file(tmp_path, monkeypatch, capsys):
+    answers = tmp_path / "a.yaml"
+    answers.write_text("problem: knowledge\nchanges_often: true\nn_examples: 50\nprompt_tried: false\n")
+    code, output = run_cli(monkeypatch, capsys, "decide", "--answers", str(answers), "-o", str(tmp_path / "d.json"))
+    assert code in (0, None) and "retrieval" in output.lower()
+    assert '"rag"' in (tmp_path / "d.json").read_text()
+    answers.write_text("problem: knowledge\nchanges_often: true\nn_examples: 50\nprompt_tried: false\nrequests_per_dya: 5\n")
+    code, output = run_cli(monkeypatch, capsys, "decide", "--answers", str(answers))
+    assert code == 2 and "requests_per_dya" in output and "a.yaml" in output and "Traceback" not in output
+
+
+def test_installed_entry_point_reports_without_traceback(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["not json"])
+    (tmp_path / "c.yaml").write_text("data: {path: d.jsonl}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "tunewise.cli", "run", "-c", str(tmp_path / "c.yaml")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "d.jsonl" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+from tunewise.evaluate.metrics import detect_output_type, parse_json, score_json, score_label, score_text
+from tunewise.evaluate.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap
+from tunewise.evaluate.verdict import NO_SHIP, SHIP, decide_verdict, overfitting_flag
+
+
+def test_json_scores():
+    ref = '{"section": "net", "architecture": "any"}'
+    assert score_json(ref, ref) == {"json_exact": 1.0, "json_valid": 1.0, "field_accuracy": 1.0,
+                                    "field:section": 1.0, "field:architecture": 1.0}
+    half = score_json('```json\n{"section": "net", "architecture": "all"}\n```', ref)
+    assert half["json_valid"] == 1.0 and half["json_exact"] == 0.0 and half["field_accuracy"] == 0.5
+    broken = score_json('{"section": "net", ', ref)
+    assert broken == {"json_exact": 0.0, "json_valid": 0.0, "field_accuracy": 0.0,
+                      "field:section": 0.0, "field:architecture": 0.0}
+    assert parse_json("[1, 2]") == [1, 2] and parse_json("nope") is None
+
+
+def test_label_and_text_scores():
+    assert score_label(" Positive. ", "positive") == {"accuracy": 1.0}
+    assert score_label("negative", "positive") == {"accuracy": 0.0}
+    # token F1 by hand: pred {the, cat, sat}, ref {the, cat, ran, away}: P=2/3, R=2/4
+    f1 = score_text("The cat sat", "the cat ran away")["token_f1"]
+    assert f1 == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+
+
+def test_output_type_detection():
+    assert detect_output_type(['{"a": 1}', '{"a": 2}']) == "json"
+    assert detect_output_type(["positive", "negative"] * 30) == "label"
+    assert detect_output_type([f"a long free answer number {i} with many words" for i in range(50)]) == "text"
+
+
+def test_mcnemar_matches_statsmodels():
+    rng = np.random.default_rng(0)
+    a = (rng.random(120) < 0.7).astype(float)
+    b = (rng.random(120) < 0.5).astype(float)
+    only_a, only_b, p = mcnemar_exact(list(a), list(b))
+    table = [[int(((a == 1) & (b == 1)).sum()), only_a], [only_b, int(((a == 0) & (b == 0)).sum())]]
+    assert p == pytest.approx(sm_mcnemar(table, exact=True).pvalue)
+
+
+def test_bootstrap_intervals():
+    scores = [1.0] * 70 + [0.0] * 30
+    ci = bootstrap_ci(scores, samples=2000, alpha=0.05, seed=0)
+    assert ci.mean == 0.7 and ci.low < 0.7 < ci.high
+    # normal-approximation half width is 1.96*sqrt(.7*.3/100) = 0.09
+    assert 0.07 < (ci.high - ci.low) / 2 < 0.11
+    diff, p = paired_bootstrap(scores, scores, samples=500, alpha=0.05, seed=0)
+    assert (diff.mean, diff.low, diff.high, p) == (0.0, 0.0, 0.0, 1.0)
+
+
+def _scores(values):
+    return [{"json_exact": float(v)} for v in values]
+
+
+def test_verdict_ships_only_a_significant_gain_over_the_margin():
+    base = _scores([1] * 40 + [0] * 60)
+    better = _scores([1] * 40 + [1] * 40 + [0] * 20)
+    kw = dict(primary="json_exact", margin=0.02, alpha=0.05, samples=500, seed=0, red_flags=[])
+    shipped = decide_verdict({"zero_shot": _scores([0] * 100), "few_shot": base, "finetuned": better}, **kw)
+    assert shipped["decision"] == SHIP and shipped["best_baseline"] == "few_shot"
+    assert shipped["test"]["name"] == "McNemar exact" and shipped["test"]["p_value"] < 0.001
+    same = decide_verdict({"few_shot": base, "finetuned": base}, **kw)
+    assert same["decision"] == NO_SHIP and "does not beat few-shot prompting" in same["reason"]
+    slight = decide_verdict({"few_shot": base, "finetuned": _scores([1] * 41 + [0] * 59)}, **kw)
+    assert slight["decision"] == NO_SHIP and "not significant" in slight["reason"]
+    big_margin = decide_verdict({"few_shot": base, "finetuned": better}, **{**kw, "margin": 0.5})
+    assert big_margin["decision"] == NO_SHIP and "below the required margin" in big_margin["reason"]
+
+
+def test_overfitting_flag():
+    rising = [{"step": s, "train_loss": 2.0 - 0.1 * s} for s in range(1, 13)]
+    rising += [{"step": 3, "val_loss": 1.0}, {"step": 6, "val_loss": 0.8}, {"step": 12, "val_loss": 1.2}]
+    assert "overfitting" in overfitting_flag(rising)
+    falling = [r if "val_loss" not in r else {**r, "val_loss": 1.0 / r["step"]} for r in rising]
+    assert overfitting_flag(falling) is None
