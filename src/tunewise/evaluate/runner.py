@@ -22,11 +22,12 @@ def output_type(config: Config, train: list[Example]) -> str:
 
 
 def max_new_tokens(config: Config, tokenizer, train: list[Example]) -> int:
-    """The longest training output in tokens, plus half again, plus room for the stop token."""
+    """Twice the longest training output in tokens plus 32: room for a verbose base model to
+    finish its answer, so a baseline is not scored invalid only because it was cut off."""
     if config.eval.max_new_tokens:
         return config.eval.max_new_tokens
     longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in train)
-    return min(1024, int(longest * 1.5) + 8)
+    return min(1024, 2 * longest + 32)
 
 
 def test_items(run: RunDir, config: Config) -> list[Example]:
