@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Decide whether to fine-tune, prepare the data, beat the baselines, ship.")
 model_app = typer.Typer(no_args_is_help=True, help="Base models.")
 app.add_typer(model_app, name="model")
-console = Console()
+console = Console(highlight=False)
 
 DEMO = "debian-sections"
 RunsOpt = Annotated[Path, typer.Option("--runs", help="Folder that holds the run folders.")]
@@ -128,11 +128,11 @@ def decide(
     decision = decide_api.recommend(given)
     console.print(Text(decision.headline(), style="bold"))
     for reason in decision.reasons:
-        console.print(f"  - {reason}")
+        console.print(f"  - {reason}", markup=False)
     for warning in decision.warnings:
         console.print(Text(f"  warning: {warning}", style="yellow"))
     for step in decision.next_steps:
-        console.print(f"  next: {step}")
+        console.print(f"  next: {step}", markup=False)
     if output is not None:
         atomic_write_json(output, decision.to_dict())
 

@@ -84,13 +84,13 @@ def encode_split(tokenizer, examples: list[Example], system_prompt: str) -> list
 
 
 @torch.no_grad()
-def validation_loss(model, items: list[Encoded], batch_size: int, pad_id: int, autocast) -> float:
+def validation_loss(model, items: list[Encoded], batch_size: int, pad_id: int, autocast, move) -> float:
     """Token-weighted mean loss over the validation items."""
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     for start in range(0, len(order), batch_size):
-        batch = collate([items[i] for i in order[start : start + batch_size]], pad_id)
+        batch = move(collate([items[i] for i in order[start : start + batch_size]], pad_id))
         with autocast():
             loss, n = supervised_loss(model, **batch)
         total, count = total + float(loss) * n, count + n
@@ -172,7 +172,7 @@ def train_sft(run: RunDir, config: Config, console: Console) -> TrainSummary:
     pad_id = tokenizer.pad_token_id
     move = (lambda b: {k: v.cuda() for k, v in b.items()}) if device_type == "cuda" else (lambda b: b)
     log_rows: list[dict] = []
-    best_val = first_val = validation_loss(causal_lm, val_items, batch_size * 2, pad_id, autocast)
+    best_val = first_val = validation_loss(causal_lm, val_items, batch_size * 2, pad_id, autocast, move)
     log_rows.append({"step": 0, "epoch": 0.0, "val_loss": best_val})
     best_step, step, tokens, last_loss = 0, 0, 0, float("nan")
     save_adapter(model, tokenizer, run.checkpoints / "best", {"step": 0, "val_loss": best_val})
@@ -208,7 +208,7 @@ def train_sft(run: RunDir, config: Config, console: Console) -> TrainSummary:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": step_loss,
                        "lr": scheduler.get_last_lr()[0], "tokens": tokens}
                 if step % eval_every == 0 or step == total_steps:
-                    row["val_loss"] = validation_loss(causal_lm, val_items, batch_size * 2, pad_id, autocast)
+                    row["val_loss"] = validation_loss(causal_lm, val_items, batch_size * 2, pad_id, autocast, move)
                     if row["val_loss"] < best_val:
                         best_val, best_step = row["val_loss"], step
                         save_adapter(model, tokenizer, run.checkpoints / "best", {"step": step, "val_loss": best_val})
