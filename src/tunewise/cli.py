@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -150,7 +151,12 @@ def model_import(
     console.print(f"{name}: {import_embedded(name, force=force)}")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill` gets the same clean stop as Ctrl-C: status says interrupted
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except TunewiseError as err:

@@ -87,3 +87,24 @@ def test_resume_skips_finished_stages_and_reruns_a_missing_one(finished_run):
     _, again = resume_pipeline(run.root, Console(quiet=True))
     assert run.report.exists() and again == verdict
     assert run.metrics("finetuned").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_run_is_marked_and_resumes(tmp_path, make_project, monkeypatch):
+    from tunewise import pipeline
+
+    config = make_project()
+    run, cfg = pipeline.start_run(config, [], tmp_path / "runs", Console(quiet=True))
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    real = pipeline.STAGES["train"]
+    monkeypatch.setitem(pipeline.STAGES, "train", (interrupted, real[1]))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stages(run, cfg, Console(quiet=True))
+    status = read_json(run.status)
+    assert (status["state"], status["stage"]) == ("interrupted", "train")
+    assert not run.verdict.exists() and run.metrics("few_shot").exists()
+    monkeypatch.setitem(pipeline.STAGES, "train", real)
+    _, verdict = resume_pipeline(run.root, Console(quiet=True))
+    assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and read_json(run.status)["state"] == "complete"
