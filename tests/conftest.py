@@ -54,6 +54,8 @@ def make_project(tmp_path, tiny_model_dir):
   system_prompt: Reply with JSON.
 data:
   path: data.jsonl
+  near_dup_threshold: null   # the synthetic rows are templated: near-duplicates by design
+  semantic_threshold: null
 model:
   base: {tiny_model_dir}
 train:

@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Decide whether to fine-tune, prepare the data, beat the baselines, ship.")
 model_app = typer.Typer(no_args_is_help=True, help="Base models.")
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(no_args_is_help=True, help="Check and prepare data files.")
+app.add_typer(data_app, name="data")
 console = Console(highlight=False)
 
 DEMO = "debian-sections"
@@ -136,6 +138,101 @@ def decide(
         console.print(f"  next: {step}", markup=False)
     if output is not None:
         atomic_write_json(output, decision.to_dict())
+
+
+FilesArg = Annotated[Optional[list[Path]], typer.Argument(help="Data files (JSONL, JSON, CSV, Parquet, datasets folder).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="Take data/task settings from tunewise.yaml.")]
+MapOpt = Annotated[Optional[str], typer.Option("--map", help="Rename fields: question=user,answer=assistant")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on the first class of bad rows.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Base model whose chat template counts tokens.")]
+MaxLenOpt = Annotated[Optional[int], typer.Option("--max-seq-len", help="Drop (and count) longer examples.")]
+SemanticOpt = Annotated[bool, typer.Option("--semantic/--no-semantic", help="Embedding near-duplicates (slower).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="auto | random | stratified | group | time")]
+KeyOpt = Annotated[Optional[str], typer.Option(help="Field for split: group / time.")]
+EvalOpt = Annotated[list[Path], typer.Option("--eval-file", help="An eval set training must not overlap.")]
+
+
+def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key, eval_file):
+    """Paths, DataSettings and base model name from a config file or from the options."""
+    from tunewise.config import load_config
+    from tunewise.data import DataSettings, parse_mapping
+
+    if config is not None:
+        cfg = load_config(config)
+        paths = [Path(p) for p in cfg.data.paths] if not files else list(files)
+        return paths, DataSettings.from_config(cfg), cfg.model.base
+    if not files:
+        raise TunewiseError("no data files given", fix="tunewise data check FILE... (or -c tunewise.yaml)")
+    if split == "group" and not group_key or split == "time" and not time_key:
+        raise TunewiseError(f"--split {split} needs --{split}-key FIELD", field="--split")
+    settings = DataSettings(
+        split=split, group_key=group_key, time_key=time_key, strict=strict, mapping=parse_mapping(map_),
+        max_seq_len=max_seq_len, semantic_threshold=0.95 if semantic else None,
+        eval_files=tuple(str(p) for p in eval_file),
+    )
+    return list(files), settings, model
+
+
+@data_app.command("check")
+def data_check(
+    files: FilesArg = None, config: ConfigOpt = None, map_: MapOpt = None, strict: StrictOpt = False,
+    model: ModelOpt = "smollm2-135m-instruct", max_seq_len: MaxLenOpt = None, semantic: SemanticOpt = True,
+    split: SplitOpt = "auto", group_key: KeyOpt = None, time_key: KeyOpt = None, eval_file: EvalOpt = [],
+) -> None:
+    """Validate, clean and split in memory; print a summary; write nothing. Exit 1 if rows were rejected."""
+    from tunewise.data import prepare, preview_rows
+    from tunewise.models import load_tokenizer, resolve_base
+
+    paths, settings, base = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
+                                         group_key, time_key, eval_file)
+    tokenizer = load_tokenizer(resolve_base(base))
+    prepared = prepare(paths, settings, tokenizer=tokenizer, log=lambda m: console.print(m, markup=False))
+    c = prepared.counts
+    table = Table(title="data check")
+    table.add_column("step")
+    table.add_column("rows", justify="right")
+    for key, value in c.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+    console.print(f"format: {', '.join(prepared.formats.values())}; outputs: {prepared.output_type}; "
+                  f"split: {prepared.split_strategy}")
+    if "tokens" in prepared.stats:
+        t = prepared.stats["tokens"]
+        console.print(f"tokens under the chat template: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
+    for warning in prepared.warnings:
+        console.print(Text(f"warning: {warning}", style="yellow"))
+    for problem in prepared.problems[:20]:
+        console.print(Text(f"rejected {problem}", style="red"))
+    if len(prepared.problems) > 20:
+        console.print(f"... and {len(prepared.problems) - 20} more")
+    console.print("preview of the first rows as they will be trained:")
+    for text in preview_rows(tokenizer, prepared.splits["train"], settings.system_prompt, n=2):
+        console.print(Text(text, style="dim"))
+    if prepared.problems:
+        raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    files: FilesArg = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for splits, manifest and report.")] = Path("data"),
+    config: ConfigOpt = None, map_: MapOpt = None, strict: StrictOpt = False,
+    model: ModelOpt = "smollm2-135m-instruct", max_seq_len: MaxLenOpt = None, semantic: SemanticOpt = True,
+    split: SplitOpt = "auto", group_key: KeyOpt = None, time_key: KeyOpt = None, eval_file: EvalOpt = [],
+) -> None:
+    """Write train/val/test splits, rejected.jsonl, manifest.json and report.html into -o DIR."""
+    from tunewise.data import prepare, preview_rows, write_prepared
+    from tunewise.models import load_tokenizer, resolve_base
+    from tunewise.pipeline import print_data_summary
+
+    paths, settings, base = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
+                                         group_key, time_key, eval_file)
+    tokenizer = load_tokenizer(resolve_base(base))
+    prepared = prepare(paths, settings, tokenizer=tokenizer, log=lambda m: console.print(m, markup=False))
+    manifest = write_prepared(prepared, output, settings,
+                              preview=preview_rows(tokenizer, prepared.splits["train"], settings.system_prompt))
+    print_data_summary(console, manifest, prepared.problems)
+    console.print(f"wrote {output}/{{train,val,test}}.jsonl, rejected.jsonl, manifest.json, report.html")
 
 
 @model_app.command("import")

@@ -32,13 +32,46 @@ class TaskConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    path: str = Field(..., description="JSONL file with chat, Alpaca or prompt/completion rows.")
+    path: str | list[str] = Field(
+        ..., description="Data file(s): JSONL, JSON array, CSV, Parquet or a datasets.save_to_disk folder."
+    )
+    map: dict[str, str] = Field(
+        default_factory=dict, description="Rename fields, e.g. {question: user, answer: assistant}."
+    )
+    strict: bool = Field(False, description="Fail on the first class of bad rows instead of skipping them.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for validation.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for the verdict.")
     seed: int = Field(0, description="Seed of the split shuffle.")
+    split: Literal["auto", "random", "stratified", "group", "time"] = Field(
+        "auto", description="auto = stratified when outputs are labels, else random."
+    )
+    group_key: str | None = Field(None, description="Field whose rows stay together in one split (split: group).")
+    time_key: str | None = Field(None, description="Field ordering rows in time; newest are the test set (split: time).")
+    near_dup_threshold: float | None = Field(
+        0.8, gt=0, le=1, description="MinHash Jaccard at which two examples are near-duplicates; null: off."
+    )
+    semantic_threshold: float | None = Field(
+        0.95, gt=0, le=1, description="Embedding cosine at which two examples are duplicates; null: off."
+    )
+    decontaminate: bool = Field(True, description="Remove training examples that overlap val/test or eval_files.")
+    eval_files: list[str] = Field(
+        default_factory=list, description="Other evaluation sets training examples must not overlap."
+    )
     max_examples: int | None = Field(
         None, gt=0, description="Use a seeded sample of this many examples (quick runs)."
     )
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    @model_validator(mode="after")
+    def _split_keys(self) -> "DataConfig":
+        if self.split == "group" and not self.group_key:
+            raise ValueError("data.split: group needs data.group_key")
+        if self.split == "time" and not self.time_key:
+            raise ValueError("data.split: time needs data.time_key")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -139,7 +172,7 @@ def _apply_override(raw: dict, assignment: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, override and validate a config file; data.path becomes absolute."""
+    """Read, override and validate a config file; data paths become absolute."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -189,9 +222,12 @@ def _validate(raw: dict, path: Path, root: yaml.Node | None) -> Config:
             line=_key_line(root, loc),
             field=key,
         )
-    data_path = Path(config.data.path)
-    if not data_path.is_absolute():
-        config.data.path = str((path.parent / data_path).resolve())
+    def absolute(p: str) -> str:
+        return p if Path(p).is_absolute() else str((path.parent / p).resolve())
+
+    paths = [absolute(p) for p in config.data.paths]
+    config.data.path = paths[0] if isinstance(config.data.path, str) else paths
+    config.data.eval_files = [absolute(p) for p in config.data.eval_files]
     return config
 
 

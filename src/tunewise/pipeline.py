@@ -13,7 +13,7 @@ from typing import Callable
 from rich.console import Console
 
 from tunewise.config import Config, dump_config, load_config
-from tunewise.data import collect, write_dataset
+from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
 from tunewise.decide import recommend
 from tunewise.decide.framework import FEW_EXAMPLES
 from tunewise.errors import TunewiseError
@@ -26,7 +26,7 @@ from tunewise.evaluate.runner import (
     test_items,
 )
 from tunewise.evaluate.verdict import decide_verdict, length_drift_flag, overfitting_flag
-from tunewise.models import resolve_base
+from tunewise.models import load_tokenizer, resolve_base
 from tunewise.report.html import write_report
 from tunewise.runs import (
     RunDir,
@@ -43,27 +43,36 @@ ARMS = (*BASELINE_ARMS, FINETUNED)
 
 
 def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, Config]:
-    """Validate config, data and model, then create the run folder with config and data splits."""
+    """Validate config, model and data, then create the run folder with config and data splits."""
     config = load_config(config_path, overrides)
-    collected = collect([Path(config.data.path)], seed=config.data.seed, max_examples=config.data.max_examples)
-    resolve_base(config.model.base)
+    tokenizer = load_tokenizer(resolve_base(config.model.base))
+    settings = DataSettings.from_config(config)
+    prepared = prepare([Path(p) for p in config.data.paths], settings, tokenizer=tokenizer,
+                       log=lambda m: console.print(f"[bold]data[/] {m}"))
     run = new_run_dir(runs_root, config.task.name)
     atomic_write_text(run.config, dump_config(config))
     run.set_status("running")
-    manifest = write_dataset(
-        collected, run.data, val_fraction=config.data.val_fraction,
-        test_fraction=config.data.test_fraction, seed=config.data.seed,
-    )
-    c = manifest["counts"]
-    console.print(
-        f"[bold]data[/] {c['read']} read, {c['rejected']} rejected, {c['exact_duplicates']} exact duplicates, "
-        f"split {c['train']}/{c['val']}/{c['test']} (dataset {manifest['version']})"
-    )
-    for problem in collected.problems[:10]:
-        console.print(f"  [yellow]skipped[/] {problem}")
-    if len(collected.problems) > 10:
-        console.print(f"  ... and {len(collected.problems) - 10} more in {run.data / 'rejected.jsonl'}")
+    manifest = write_prepared(prepared, run.data, settings,
+                              preview=preview_rows(tokenizer, prepared.splits["train"], config.task.system_prompt))
+    print_data_summary(console, manifest, prepared.problems)
     return run, config
+
+
+def print_data_summary(console: Console, manifest: dict, problems: list) -> None:
+    c = manifest["counts"]
+    removed = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in
+                        ("too_long", "exact_duplicates", "near_duplicates", "semantic_duplicates", "contaminated")
+                        if c.get(k))
+    console.print(
+        f"[bold]data[/] {c['read']} read, {c['rejected']} rejected{', ' + removed if removed else ''}; "
+        f"{manifest['split_strategy']} split {c['train']}/{c['val']}/{c['test']} (dataset {manifest['version']})"
+    )
+    for problem in problems[:10]:
+        console.print(f"  [yellow]skipped[/] {problem}", markup=True, highlight=False)
+    if len(problems) > 10:
+        console.print(f"  ... and {len(problems) - 10} more in data/rejected.jsonl")
+    for warning in manifest["warnings"]:
+        console.print(f"[yellow]warning[/] {warning}")
 
 
 def stage_decide(run: RunDir, config: Config, console: Console) -> None:

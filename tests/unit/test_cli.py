@@ -21,13 +21,13 @@ def run_cli(monkeypatch, capsys, *args):
     "case, expect",
     [
         ("missing_data", "data file not found"),
-        ("not_json", "none of the 1 lines"),
+        ("not_json", "none of the 1 rows"),
         ("unknown_format", "unknown format"),
         ("empty_strings", "field 'content' is empty"),
         ("empty_file", "data file is empty"),
         ("misspelled_key", "train.learning_rate"),
         ("bad_model", "did you mean 'smollm2-135m-instruct'"),
-        ("unreadable", "cannot read data file"),
+        ("unreadable", "this is a folder"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_no_run(tmp_path, monkeypatch, capsys, make_project, case, expect):

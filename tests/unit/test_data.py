@@ -1,29 +1,59 @@
 import json
+from collections import Counter
 
 import pytest
 
-from tunewise.data import collect, read_examples, write_dataset
+from tests.helpers import label_rows, write_jsonl
+from tunewise.data import DataSettings, parse_mapping, prepare, read_examples, write_prepared
 from tunewise.data.clean import drop_exact_duplicates
 from tunewise.errors import TunewiseError
 from tunewise.runs import sha256_file
-from tests.helpers import label_rows, write_jsonl
+
+FAST = dict(semantic_threshold=None)  # the MiniLM path has its own tests
 
 
-def test_three_formats_normalize_to_the_same_chat(tmp_path):
+def test_every_format_normalizes_to_the_same_chat(tmp_path):
     chat = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
-    alpaca = {"instruction": "Q", "input": "", "output": "A"}
-    pc = {"prompt": "Q", "completion": "A"}
-    for name, row in [("chat", chat), ("alpaca", alpaca), ("prompt_completion", pc)]:
+    rows = {
+        "chat": chat,
+        "alpaca": {"instruction": "Q", "input": "", "output": "A"},
+        "prompt_completion": {"prompt": "Q", "completion": "A"},
+        "sharegpt": {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        "preference": {"prompt": "Q", "chosen": "A", "rejected": "B"},
+    }
+    for name, row in rows.items():
         examples, problems, fmt = read_examples(write_jsonl(tmp_path / f"{name}.jsonl", [row]))
-        assert fmt == name and not problems
+        assert fmt == name and not problems, problems
         assert examples[0].messages == chat["messages"]
         assert examples[0].source == f"{name}.jsonl:1"
+    pref, _, _ = read_examples(tmp_path / "preference.jsonl")
+    assert pref[0].rejected == "B"
+    text, _, fmt = read_examples(write_jsonl(tmp_path / "t.jsonl", [{"text": "raw document"}]))
+    assert fmt == "text" and text[0].messages == [{"role": "assistant", "content": "raw document"}]
 
 
-def test_alpaca_input_is_appended_to_instruction(tmp_path):
-    row = {"instruction": "Translate", "input": "hello", "output": "bonjour"}
-    examples, _, _ = read_examples(write_jsonl(tmp_path / "a.jsonl", [row]))
-    assert examples[0].messages[0]["content"] == "Translate\n\nhello"
+def test_preference_as_chats_with_and_without_prompt(tmp_path):
+    user = [{"role": "user", "content": "Q"}]
+    good, bad = [{"role": "assistant", "content": "A"}], [{"role": "assistant", "content": "B"}]
+    rows = [{"prompt": user, "chosen": good, "rejected": bad}, {"chosen": user + good, "rejected": user + bad},
+            {"chosen": user + good, "rejected": [{"role": "user", "content": "other"}] + bad},
+            {"prompt": "Q", "chosen": "A", "rejected": "A"}]
+    examples, problems, _ = read_examples(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [e.messages for e in examples] == [user + good, user + good]
+    assert [e.rejected for e in examples] == ["B", "B"]
+    assert [p.line for p in problems] == [3, 4]
+    assert "differ only in the last turn" in problems[0].reason and "same answer" in problems[1].reason
+
+
+def test_field_mapping(tmp_path):
+    mapping = parse_mapping("question=user,answer=assistant")
+    rows = [{"question": "Q", "answer": "A", "id": 1}]
+    examples, problems, fmt = read_examples(write_jsonl(tmp_path / "m.jsonl", rows), mapping=mapping)
+    assert fmt == "prompt_completion" and examples[0].messages[1]["content"] == "A"
+    with pytest.raises(TunewiseError, match="unknown"):
+        parse_mapping("question=asker")
+    _, problems, _ = read_examples(write_jsonl(tmp_path / "u.jsonl", [*rows, {"text": "x"}]))
+    assert "map your fields with --map" in problems[0].reason
 
 
 def test_every_bad_line_is_reported_with_its_number_and_reason(tmp_path):
@@ -42,22 +72,20 @@ def test_every_bad_line_is_reported_with_its_number_and_reason(tmp_path):
     ]
     examples, problems, fmt = read_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     assert fmt == "chat" and len(examples) == 2
-    by_line = {p.line: p.reason for p in problems}
+    by_line = {p.line: p for p in problems}
     assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9]
-    assert "not valid JSON" in by_line[2]
-    assert "expected a JSON object" in by_line[3]
-    assert "unknown format" in by_line[4] and "question" in by_line[4]
-    assert "empty" in by_line[5]
-    assert "role order" in by_line[6]
-    assert "end with an assistant" in by_line[7]
-    assert "must be a string" in by_line[8]
-    assert "prompt_completion format, but the file is chat" in by_line[9]
+    assert "not valid JSON" in by_line[2].reason
+    assert "expected a JSON object" in by_line[3].reason
+    assert "unknown format" in by_line[4].reason and "question" in by_line[4].reason
+    assert "empty" in by_line[5].reason
+    assert "role order" in by_line[6].reason
+    assert "end with an assistant" in by_line[7].reason
+    assert "must be a string" in by_line[8].reason
+    assert by_line[9].kind == "mixed_format" and "prompt_completion format, but the file is chat" in by_line[9].reason
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [(None, "not found"), ("", "empty"), ("\n\n", "empty"), ("{bad\n[]\n", "none of the 2 lines")],
-)
+@pytest.mark.parametrize("content, message", [(None, "not found"), ("", "empty"), ("\n\n", "empty"),
+                                              ("{bad\n[]\n", "none of the 2 rows")])
 def test_unusable_files_raise_with_the_file_name(tmp_path, content, message):
     path = tmp_path / "d.jsonl"
     if content is not None:
@@ -77,21 +105,91 @@ def test_exact_duplicates_ignore_whitespace_and_case(tmp_path):
     assert removed == [{"source": "d.jsonl:4", "duplicate_of": "d.jsonl:1"}]
 
 
-def test_split_is_80_10_10_seeded_disjoint_and_hashed(tmp_path):
+def _prepared(tmp_path, rows, **settings):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    return prepare([path], DataSettings(**{**FAST, **settings}))
+
+
+def test_split_is_80_10_10_stratified_disjoint_and_hashed(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", label_rows(200) + ["oops"])
-    collected = collect([path], seed=0, max_examples=None)
-    manifest = write_dataset(collected, tmp_path / "data", val_fraction=0.1, test_fraction=0.1, seed=0)
+    settings = DataSettings(**FAST)
+    prepared = prepare([path], settings, tokenizer=tokenizer)
+    manifest = write_prepared(prepared, tmp_path / "data", settings, preview=["<|im_start|>user ..."])
     counts = manifest["counts"]
     assert (counts["train"], counts["val"], counts["test"], counts["rejected"], counts["read"]) == (160, 20, 20, 1, 201)
+    assert manifest["split_strategy"] == "stratified" and manifest["output_type"] == "json"
     sources = {}
     for split in ("train", "val", "test"):
         file = tmp_path / "data" / f"{split}.jsonl"
         assert manifest["sha256"][split] == sha256_file(file)
-        sources[split] = {json.loads(line)["source"] for line in file.read_text().splitlines()}
-    assert not (sources["train"] & sources["test"]) and not (sources["train"] & sources["val"])
+        sources[split] = [json.loads(line) for line in file.read_text().splitlines()]
+    ids = {k: {r["source"] for r in v} for k, v in sources.items()}
+    assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["val"])
+    # stratified: each label's share in test is within one example of its share overall
+    overall = Counter(json.loads(r["messages"][-1]["content"])["section"] for v in sources.values() for r in v)
+    test = Counter(json.loads(r["messages"][-1]["content"])["section"] for r in sources["test"])
+    for label, n in overall.items():
+        assert abs(test[label] - n * 20 / 200) <= 1
     rejected = [json.loads(line) for line in (tmp_path / "data" / "rejected.jsonl").read_text().splitlines()]
     assert rejected[0]["line"] == 201
-    again = write_dataset(collected, tmp_path / "data2", val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert "tokens" in manifest["stats"] and manifest["stats"]["tokens"]["max"] > 10
+    html = (tmp_path / "data" / "report.html").read_text()
+    assert manifest["version"] in html and "data:image/png;base64," in html and "oops" not in html
+    again = write_prepared(prepared, tmp_path / "data2", settings, preview=[])
     assert again["version"] == manifest["version"]
-    other = write_dataset(collected, tmp_path / "data3", val_fraction=0.1, test_fraction=0.1, seed=1)
-    assert other["version"] != manifest["version"]
+    other = prepare([path], DataSettings(**FAST, seed=1))
+    assert write_prepared(other, tmp_path / "data3", settings, preview=[])["version"] != manifest["version"]
+
+
+def test_near_duplicates_are_clustered_and_reported(tmp_path):
+    base = "the quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
+    rows = [{"prompt": f"{base} {i}", "completion": "x"} for i in range(3)]
+    rows += [{"prompt": f"completely different text number {i} about cooking pasta with garlic and oil",
+              "completion": str(i)} for i in range(40)]
+    prepared = _prepared(tmp_path, rows, near_dup_threshold=0.7, split="random")
+    near = [c for c in prepared.clusters if c["kind"] == "near"]
+    assert near and near[0]["kept"] == "d.jsonl:1" and set(near[0]["removed"]) >= {"d.jsonl:2"}
+    assert prepared.counts["near_duplicates"] >= 1
+
+
+def test_decontamination_removes_train_rows_that_overlap_the_eval_file(tmp_path):
+    rows = label_rows(100)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [rows[5], rows[7]])
+    prepared = _prepared(tmp_path, rows, eval_files=(str(eval_path),), near_dup_threshold=None)
+    removed = {c["source"] for c in prepared.contaminated}
+    train = {e.source for e in prepared.splits["train"]}
+    assert not ({"d.jsonl:6", "d.jsonl:8"} & train)
+    assert removed <= {"d.jsonl:6", "d.jsonl:8"} and removed
+    assert all(c["overlaps"].startswith("eval.jsonl:") for c in prepared.contaminated)
+
+
+def test_group_and_time_splits(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i} long free text answer {i}", "user": f"u{i % 10}", "day": i}
+            for i in range(100)]
+    grouped = _prepared(tmp_path, rows, split="group", group_key="user", near_dup_threshold=None)
+    owners = {name: {e.meta["user"] for e in grouped.splits[name]} for name in ("train", "val", "test")}
+    assert not (owners["train"] & owners["test"]) and not (owners["train"] & owners["val"])
+    timed = _prepared(tmp_path, rows, split="time", time_key="day", near_dup_threshold=None)
+    assert min(e.meta["day"] for e in timed.splits["test"]) > max(e.meta["day"] for e in timed.splits["val"])
+    assert min(e.meta["day"] for e in timed.splits["val"]) > max(e.meta["day"] for e in timed.splits["train"])
+
+
+def test_strict_stops_at_the_first_error_class(tmp_path):
+    with pytest.raises(TunewiseError, match="--strict") as err:
+        _prepared(tmp_path, label_rows(20) + ["not json"], strict=True)
+    assert "d.jsonl:21" in str(err.value)
+
+
+def test_too_long_examples_are_dropped_and_counted(tmp_path, tokenizer):
+    long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]}
+    rows = label_rows(30) + [long]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = prepare([path], DataSettings(**FAST, max_seq_len=100, split="random"), tokenizer=tokenizer)
+    assert prepared.counts["too_long"] == 1
+    assert [p.kind for p in prepared.problems] == ["too_long"] and "max_seq_len 100" in prepared.problems[0].reason
+
+
+def test_label_imbalance_warns(tmp_path):
+    rows = [{"prompt": f"item {i}", "completion": "yes" if i < 95 else "no"} for i in range(100)]
+    prepared = _prepared(tmp_path, rows, near_dup_threshold=None)
+    assert any("imbalance" in w for w in prepared.warnings)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
-from tunewise.evaluate.metrics import detect_output_type, parse_json, score_json, score_label, score_text
+from tunewise.data.outputs import detect_output_type, parse_json
+from tunewise.evaluate.metrics import score_json, score_label, score_text
 from tunewise.evaluate.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap
 from tunewise.evaluate.verdict import NO_SHIP, SHIP, decide_verdict, overfitting_flag
 

@@ -19,7 +19,8 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     write_jsonl(root / "data.jsonl", label_rows(80))
     (root / "tunewise.yaml").write_text(
         f"task: {{name: tiny, system_prompt: Reply with JSON.}}\n"
-        f"data: {{path: data.jsonl}}\nmodel: {{base: {tiny_model_dir}}}\n"
+        f"data: {{path: data.jsonl, near_dup_threshold: null, semantic_threshold: null}}\n"
+        f"model: {{base: {tiny_model_dir}}}\n"
         "train: {epochs: 3, batch_size: 8, lr: 0.01}\n"
         "eval: {max_new_tokens: 8, bootstrap_samples: 200}\n"
     )

@@ -1,175 +1,279 @@
-"""Read JSONL in the known formats, detect the format per file, validate, normalize.
+"""Detect the record format of each file, validate rows, normalize them to `Example`.
 
-Formats: chat `messages`, Alpaca `instruction`/`input`/`output`, `prompt`/`completion`.
-Every bad line is reported as a `Problem` with its line number and reason; nothing in the
-input is modified and nothing is dropped silently.
+Formats: chat `messages`; ShareGPT `conversations` (`from`/`value`); preference
+`prompt`/`chosen`/`rejected` (strings or chats); Alpaca `instruction`/`input`/`output`;
+`prompt`/`completion`; raw `text`. The format of a file is the format of its first usable row;
+rows in another format are reported, not guessed. Every bad row becomes a `Problem` with its
+line number and reason; nothing in the input is modified and nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from tunewise.data.readers import iter_rows
 from tunewise.data.records import Example, Message
 from tunewise.errors import TunewiseError
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A rejected input line and why."""
+    """A rejected input row and why; `kind` groups problems for --strict and the report."""
 
     file: str
     line: int
     reason: str
+    kind: str = "invalid"
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
 
+    def to_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "kind": self.kind, "reason": self.reason}
 
-class _BadRow(ValueError):
-    pass
+
+class BadRow(ValueError):
+    """A row that cannot become an example; the message is the reason shown to the user."""
 
 
 def _text(row: dict, key: str, *, optional: bool = False) -> str:
     if key not in row or row[key] is None:
         if optional:
             return ""
-        raise _BadRow(f"field '{key}' is missing")
+        raise BadRow(f"field '{key}' is missing")
     value = row[key]
     if not isinstance(value, str):
-        raise _BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
     if not value.strip() and not optional:
-        raise _BadRow(f"field '{key}' is empty")
+        raise BadRow(f"field '{key}' is empty")
     return value
 
 
-def _from_chat(row: dict) -> list[Message]:
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise _BadRow("field 'messages' must be a non-empty list of {role, content}")
+def _messages(items: Any, field: str, role_key: str = "role", content_key: str = "content",
+              roles: dict[str, str] | None = None) -> list[Message]:
+    if not isinstance(items, list) or not items:
+        raise BadRow(f"field '{field}' must be a non-empty list of {{{role_key}, {content_key}}}")
     out: list[Message] = []
-    for i, msg in enumerate(messages):
+    for i, msg in enumerate(items):
         if not isinstance(msg, dict):
-            raise _BadRow(f"messages[{i}] must be an object with 'role' and 'content'")
+            raise BadRow(f"{field}[{i}] must be an object with '{role_key}' and '{content_key}'")
         try:
-            role, content = _text(msg, "role"), _text(msg, "content")
-        except _BadRow as err:
-            raise _BadRow(f"messages[{i}]: {err}")
+            role, content = _text(msg, role_key), _text(msg, content_key)
+        except BadRow as err:
+            raise BadRow(f"{field}[{i}]: {err}")
+        role = (roles or {}).get(role.lower(), role)
         if role not in ("system", "user", "assistant"):
-            raise _BadRow(f"messages[{i}].role '{role}' must be system, user or assistant")
+            known = ", ".join(sorted(roles)) if roles else "system, user, assistant"
+            raise BadRow(f"{field}[{i}].{role_key} '{msg[role_key]}' must be one of {known}")
         out.append({"role": role, "content": content})
-    _check_order(out)
     return out
 
 
-def _check_order(messages: list[Message]) -> None:
+def check_order(messages: list[Message]) -> None:
+    """Optional system first, then user/assistant alternating, ending with the assistant."""
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if not turns:
-        raise _BadRow("messages has only a system message; add user and assistant turns")
+        raise BadRow("only a system message; add user and assistant turns")
     for i, msg in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != expected:
-            raise _BadRow(
+            raise BadRow(
                 f"role order: turn {i + 1} is '{msg['role']}', expected '{expected}' "
                 "(optional system first, then user/assistant alternating)"
             )
     if turns[-1]["role"] != "assistant":
-        raise _BadRow("messages must end with an assistant turn (the output to learn)")
+        raise BadRow("the chat must end with an assistant turn (the output to learn)")
 
 
-def _from_alpaca(row: dict) -> list[Message]:
+Normalized = tuple[list[Message], str | None]  # (messages, rejected completion)
+
+
+def _from_chat(row: dict) -> Normalized:
+    messages = _messages(row["messages"], "messages")
+    check_order(messages)
+    return messages, None
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant", "bard": "assistant"}
+
+
+def _from_sharegpt(row: dict) -> Normalized:
+    messages = _messages(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    check_order(messages)
+    return messages, None
+
+
+def _from_alpaca(row: dict) -> Normalized:
     instruction, extra = _text(row, "instruction"), _text(row, "input", optional=True)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
+    return _with_row_system(row, [{"role": "user", "content": user},
+                                  {"role": "assistant", "content": _text(row, "output")}]), None
 
 
-def _from_prompt_completion(row: dict) -> list[Message]:
-    return [
-        {"role": "user", "content": _text(row, "prompt")},
-        {"role": "assistant", "content": _text(row, "completion")},
-    ]
+def _with_row_system(row: dict, messages: list[Message]) -> list[Message]:
+    system = _text(row, "system", optional=True)
+    return ([{"role": "system", "content": system}] if system.strip() else []) + messages
 
 
-# name -> (keys that identify the format, normalizer)
-FORMATS: dict[str, tuple[frozenset[str], Callable[[dict], list[Message]]]] = {
-    "chat": (frozenset({"messages"}), _from_chat),
-    "alpaca": (frozenset({"instruction", "output"}), _from_alpaca),
-    "prompt_completion": (frozenset({"prompt", "completion"}), _from_prompt_completion),
+def _from_prompt_completion(row: dict) -> Normalized:
+    return _with_row_system(row, [{"role": "user", "content": _text(row, "prompt")},
+                                  {"role": "assistant", "content": _text(row, "completion")}]), None
+
+
+def _from_text(row: dict) -> Normalized:
+    # Raw text has no prompt: one assistant turn, all of it supervised.
+    return [{"role": "assistant", "content": _text(row, "text")}], None
+
+
+def _final_assistant(value: Any, field: str) -> list[Message]:
+    """A preference side: a string, or a chat whose last turn is the assistant's."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow(f"field '{field}' is empty")
+        return [{"role": "assistant", "content": value}]
+    messages = _messages(value, field)
+    if messages[-1]["role"] != "assistant":
+        raise BadRow(f"field '{field}' must end with an assistant turn")
+    return messages
+
+
+def _from_preference(row: dict) -> Normalized:
+    chosen = _final_assistant(row.get("chosen"), "chosen")
+    rejected = _final_assistant(row.get("rejected"), "rejected")
+    if "prompt" in row:
+        prompt = row["prompt"]
+        prompt_msgs = [{"role": "user", "content": _text(row, "prompt")}] if isinstance(prompt, str) \
+            else _messages(prompt, "prompt")
+        messages = prompt_msgs + chosen
+    else:  # implicit prompt: chosen and rejected are whole chats sharing everything but the end
+        if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+            raise BadRow("without 'prompt', 'chosen' and 'rejected' must be chats that differ only in the last turn")
+        messages = chosen
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise BadRow("'chosen' and 'rejected' are the same answer")
+    check_order(messages)
+    return messages, rejected[-1]["content"]
+
+
+@dataclass(frozen=True)
+class Format:
+    keys: frozenset[str]
+    normalize: Callable[[dict], Normalized]
+
+
+# Detection order matters: preference rows also have 'prompt'.
+FORMATS: dict[str, Format] = {
+    "chat": Format(frozenset({"messages"}), _from_chat),
+    "sharegpt": Format(frozenset({"conversations"}), _from_sharegpt),
+    "preference": Format(frozenset({"chosen", "rejected"}), _from_preference),
+    "alpaca": Format(frozenset({"instruction", "output"}), _from_alpaca),
+    "prompt_completion": Format(frozenset({"prompt", "completion"}), _from_prompt_completion),
+    "text": Format(frozenset({"text"}), _from_text),
 }
+
+# --map targets: a canonical role, or any key a known format uses.
+ROLE_TARGETS = {"user": "prompt", "assistant": "completion", "system": "system"}
+MAP_TARGETS = set(ROLE_TARGETS) | {k for f in FORMATS.values() for k in f.keys} | {"input", "prompt"}
+
+
+def parse_mapping(spec: str | None) -> dict[str, str]:
+    """'question=user,answer=assistant' -> {'question': 'prompt', 'answer': 'completion'}."""
+    if not spec:
+        return {}
+    mapping: dict[str, str] = {}
+    for part in spec.split(","):
+        source, sep, target = (s.strip() for s in part.partition("="))
+        if not sep or not source or not target:
+            raise TunewiseError(f"mapping '{part}' is not of the form field=target", field="--map",
+                                fix="e.g. --map question=user,answer=assistant")
+        if target not in MAP_TARGETS:
+            raise TunewiseError(f"mapping target '{target}' is unknown", field="--map",
+                                fix=f"one of: {', '.join(sorted(MAP_TARGETS))}")
+        mapping[source] = ROLE_TARGETS.get(target, target)
+    return mapping
+
+
+def apply_mapping(row: dict, mapping: dict[str, str]) -> dict:
+    """Rename mapped fields (the input dict is not modified)."""
+    if not mapping:
+        return row
+    out = {k: v for k, v in row.items() if k not in mapping}
+    for source, target in mapping.items():
+        if source in row:
+            out[target] = row[source]
+    return out
 
 
 def detect_format(row: dict) -> str | None:
-    for name, (keys, _) in FORMATS.items():
-        if keys <= row.keys():
+    for name, fmt in FORMATS.items():
+        if fmt.keys <= row.keys():
             return name
     return None
 
 
-def read_examples(path: str | Path) -> tuple[list[Example], list[Problem], str]:
-    """Parse one JSONL file. Returns (examples, problems, detected format).
+def read_examples(
+    path: str | Path, *, mapping: dict[str, str] | None = None, keep: tuple[str, ...] = ()
+) -> tuple[list[Example], list[Problem], str]:
+    """Read one file (any container `readers` knows). Returns (examples, problems, format).
 
-    Raises TunewiseError when the file is missing, unreadable, empty, or has no usable line.
+    `keep` names raw fields copied into `Example.meta` (group / time keys for the split).
+    Raises TunewiseError when the file is missing, unreadable, empty, or has no usable row.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise TunewiseError("data file not found", file=path, field="data.path", fix="check the path")
-    except OSError as err:
-        raise TunewiseError(f"cannot read data file: {err.strerror}", file=path, field="data.path")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise TunewiseError("not UTF-8 text", file=path, line=line, fix="save the file as UTF-8")
-
     examples: list[Example] = []
     problems: list[Problem] = []
     file_format: str | None = None
-    n_lines = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    n_rows = 0
+    for row in iter_rows(path):
+        n_rows += 1
+        if row.error is not None:
+            problems.append(Problem(str(path), row.line, row.error, "unreadable"))
             continue
-        n_lines += 1
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(Problem(str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno})"))
+        if not isinstance(row.value, dict):
+            problems.append(Problem(str(path), row.line, f"expected a JSON object, got {type(row.value).__name__}", "not_object"))
             continue
-        if not isinstance(row, dict):
-            problems.append(Problem(str(path), lineno, f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        found = detect_format(row)
+        value = apply_mapping(row.value, mapping or {})
+        found = detect_format(value)
         if found is None:
-            known = "; ".join(f"{n}: {', '.join(sorted(k))}" for n, (k, _) in FORMATS.items())
-            problems.append(
-                Problem(str(path), lineno, f"unknown format (keys: {', '.join(sorted(row)) or 'none'}; known: {known})")
-            )
+            known = "; ".join(f"{n}: {', '.join(sorted(f.keys))}" for n, f in FORMATS.items())
+            problems.append(Problem(
+                str(path), row.line,
+                f"unknown format (keys: {', '.join(sorted(value)) or 'none'}; known: {known}; "
+                "or map your fields with --map question=user,answer=assistant)",
+                "unknown_format",
+            ))
             continue
         if file_format is None:
             file_format = found
         elif found != file_format:
-            problems.append(
-                Problem(str(path), lineno, f"row is in {found} format, but the file is {file_format} (from its first row)")
-            )
+            problems.append(Problem(str(path), row.line,
+                                    f"row is in {found} format, but the file is {file_format} (from its first row)",
+                                    "mixed_format"))
             continue
         try:
-            messages = FORMATS[found][1](row)
-        except _BadRow as err:
-            problems.append(Problem(str(path), lineno, str(err)))
+            messages, rejected = FORMATS[found].normalize(value)
+        except BadRow as err:
+            problems.append(Problem(str(path), row.line, str(err), "invalid"))
             continue
-        examples.append(Example(messages=messages, source=f"{path.name}:{lineno}"))
+        meta = {key: value[key] for key in keep if key in value}
+        missing = [key for key in keep if key not in value]
+        if missing:
+            problems.append(Problem(str(path), row.line, f"field '{missing[0]}' (the split key) is missing", "invalid"))
+            continue
+        examples.append(Example(messages=messages, source=f"{path.name}:{row.line}", rejected=rejected, meta=meta))
 
-    if n_lines == 0:
+    if n_rows == 0:
         raise TunewiseError("data file is empty", file=path, field="data.path", fix="add one JSON example per line")
     if not examples:
         shown = "\n    ".join(str(p) for p in problems[:5])
         raise TunewiseError(
-            f"none of the {n_lines} lines is a usable example; first problems:\n    {shown}",
+            f"none of the {n_rows} rows is a usable example; first problems:\n    {shown}",
             file=path,
             field="data.path",
-            fix="one JSON object per line with 'messages', or 'instruction'/'output', or 'prompt'/'completion'",
+            fix="one object per row in a known format (chat 'messages', 'conversations', 'instruction'/'output', "
+            "'prompt'/'completion', 'text', 'prompt'/'chosen'/'rejected'), or map your fields with --map",
         )
     return examples, problems, file_format or "unknown"

@@ -1,4 +1,9 @@
-"""The data stage: read and validate, remove exact duplicates, split, write splits + manifest."""
+"""The data stage: read and validate, clean, split, decontaminate, measure, write.
+
+`prepare` computes everything and writes nothing (`tunewise data check` stops there);
+`write_prepared` writes the splits, rejected.jsonl, manifest.json and the data report
+atomically. `tunewise data prepare` and `tunewise run` use the same two functions.
+"""
 
 from __future__ import annotations
 
@@ -6,89 +11,278 @@ import hashlib
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tunewise import __version__
+from tunewise.data import similar, stats
 from tunewise.data.clean import drop_exact_duplicates
 from tunewise.data.formats import Problem, read_examples
-from tunewise.data.records import Example
-from tunewise.data.split import split_examples
+from tunewise.data.outputs import detect_output_type, label_of
+from tunewise.data.records import Example, with_system
+from tunewise.data.split import group_split, random_split, stratified_split, time_split
+from tunewise.errors import TunewiseError
 from tunewise.runs import atomic_write_json, atomic_write_jsonl, replace_dir, sha256_file
 
 SPLITS = ("train", "val", "test")
+MAX_STRATA = 50  # more distinct outputs than this are not a label set
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The data stage's knobs as plain values (the recipe unpacks the config into these)."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    split: str = "auto"
+    group_key: str | None = None
+    time_key: str | None = None
+    near_dup_threshold: float | None = 0.8
+    semantic_threshold: float | None = 0.95
+    decontaminate: bool = True
+    eval_files: tuple[str, ...] = ()
+    max_examples: int | None = None
+    strict: bool = False
+    mapping: dict[str, str] = field(default_factory=dict)
+    max_seq_len: int | None = None
+    system_prompt: str = ""
+    output_type: str = "auto"
+
+    @classmethod
+    def from_config(cls, config) -> "DataSettings":
+        d = config.data
+        return cls(
+            val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed, split=d.split,
+            group_key=d.group_key, time_key=d.time_key, near_dup_threshold=d.near_dup_threshold,
+            semantic_threshold=d.semantic_threshold, decontaminate=d.decontaminate,
+            eval_files=tuple(d.eval_files), max_examples=d.max_examples, strict=d.strict, mapping=dict(d.map),
+            max_seq_len=config.train.max_seq_len, system_prompt=config.task.system_prompt,
+            output_type=config.task.output_type,
+        )
 
 
 @dataclass
-class Collected:
-    """Examples read from the inputs, before splitting."""
+class Prepared:
+    """Everything the data stage found, before anything is written."""
 
-    examples: list[Example]
+    splits: dict[str, list[Example]]
     problems: list[Problem]
-    duplicates: list[dict]
+    clusters: list[dict]  # {"kind", "kept", "removed": [sources]}
+    contaminated: list[dict]  # {"source", "overlaps", "how"}
+    counts: dict[str, int]
+    stats: dict
     formats: dict[str, str]
     inputs: dict[str, str]  # path -> sha256
-    n_read: int
-    n_sampled_out: int
+    split_strategy: str
+    output_type: str
+    lengths: list[int] = field(default_factory=list)  # tokens per kept example
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        balance = self.stats.get("label_balance")
+        if balance and balance.get("warning"):
+            out.append(balance["warning"])
+        over = self.stats.get("tokens", {}).get("over_max_seq_len", 0)
+        if self.counts.get("too_long"):
+            out.append(f"{self.counts['too_long']} examples are longer than max_seq_len and were dropped")
+        elif over:
+            out.append(f"{over} examples are longer than max_seq_len")
+        return out
 
 
-def collect(paths: list[Path], *, seed: int, max_examples: int | None) -> Collected:
-    """Read every file (raising TunewiseError on unusable input), dedupe, optionally sample."""
+def _chat_tokens(tokenizer, example: Example, system_prompt: str) -> int:
+    text = tokenizer.apply_chat_template(with_system(example.messages, system_prompt), tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _drop_clusters(examples: list[Example], clusters: list[list[int]], kind: str) -> tuple[list[Example], list[dict]]:
+    """Keep the first member of each cluster; report every cluster and which member was kept."""
+    removed: set[int] = set()
+    report = []
+    for members in clusters:
+        removed.update(members[1:])
+        report.append({"kind": kind, "kept": examples[members[0]].source,
+                       "removed": [examples[i].source for i in members[1:]]})
+    return [e for i, e in enumerate(examples) if i not in removed], report
+
+
+def _split(examples: list[Example], s: DataSettings, output_type: str) -> tuple[dict[str, list[Example]], str]:
+    strategy = s.split
+    labels = [label_of(e.target, output_type) for e in examples]
+    if strategy == "auto":
+        few = None not in labels and len(set(labels)) <= MAX_STRATA
+        strategy = "stratified" if few else "random"
+    if strategy == "stratified":
+        if None in labels:
+            raise TunewiseError("outputs are free text: there are no labels to stratify by", field="data.split",
+                                fix="use data.split: random (or auto)")
+        return stratified_split(examples, s.val_fraction, s.test_fraction, s.seed,
+                                lambda e: label_of(e.target, output_type)), strategy
+    if strategy == "group":
+        return group_split(examples, s.val_fraction, s.test_fraction, s.seed, s.group_key), strategy
+    if strategy == "time":
+        return time_split(examples, s.val_fraction, s.test_fraction, s.time_key), strategy
+    return random_split(examples, s.val_fraction, s.test_fraction, s.seed), strategy
+
+
+def _contamination(train: list[Example], held_out: list[Example], s: DataSettings) -> dict[int, tuple[int, str]]:
+    """train index -> (held-out index, how) for training prompts that overlap a held-out prompt."""
+    train_texts = [e.prompt_text or e.text for e in train]
+    eval_texts = [e.prompt_text or e.text for e in held_out]
+    found: dict[int, tuple[int, str]] = {}
+    for i, j in similar.ngram_overlaps(train_texts, eval_texts).items():
+        found[i] = (j, "13-gram overlap")
+    if s.near_dup_threshold is not None:
+        for i, j in similar.cross_near_duplicates(train_texts, eval_texts, threshold=s.near_dup_threshold).items():
+            found.setdefault(i, (j, f"near-duplicate (MinHash Jaccard >= {s.near_dup_threshold})"))
+    if s.semantic_threshold is not None:
+        for i, j in similar.cross_semantic_duplicates(train_texts, eval_texts, threshold=s.semantic_threshold).items():
+            found.setdefault(i, (j, f"semantic duplicate (cosine > {s.semantic_threshold})"))
+    return found
+
+
+def prepare(
+    paths: list[Path], s: DataSettings, *, tokenizer=None, log: Callable[[str], None] = lambda _: None
+) -> Prepared:
+    """Read, validate, clean, split and decontaminate; raises TunewiseError on unusable input."""
+    keep = tuple(k for k in (s.group_key, s.time_key) if k)
     examples: list[Example] = []
     problems: list[Problem] = []
     formats: dict[str, str] = {}
     for path in paths:
-        found, bad, fmt = read_examples(path)
+        found, bad, fmt = read_examples(path, mapping=s.mapping, keep=keep)
         examples += found
         problems += bad
         formats[str(path)] = fmt
-    n_read = len(examples) + len(problems)
+    counts: dict[str, int] = {"read": len(examples) + len(problems), "rejected": len(problems)}
+    if s.strict and problems:
+        kinds = Counter(p.kind for p in problems)
+        first = problems[0]
+        raise TunewiseError(
+            f"--strict: {kinds[first.kind]} rows are '{first.kind}', the first: {first.reason}",
+            file=first.file, line=first.line, field="data.strict", fix="fix the rows, or drop --strict to skip them",
+        )
+    log(f"read {counts['read']} rows from {len(paths)} file(s): {len(examples)} valid, {len(problems)} rejected")
+
+    tokens: dict[int, int] = {}  # id(example) -> tokens under the chat template
+    if tokenizer is not None:
+        tokens = {id(e): _chat_tokens(tokenizer, e, s.system_prompt) for e in examples}
+        if s.max_seq_len:
+            too_long = [e for e in examples if tokens[id(e)] > s.max_seq_len]
+            for e in too_long:
+                file, _, line = e.source.rpartition(":")
+                problems.append(Problem(file, int(line), f"{tokens[id(e)]} tokens under the chat template > "
+                                        f"max_seq_len {s.max_seq_len}: dropped rather than truncated", "too_long"))
+            examples = [e for e in examples if tokens[id(e)] <= s.max_seq_len]
+            counts["too_long"] = len(too_long)
+
+    clusters: list[dict] = []
+    before = len(examples)
     kept, duplicates = drop_exact_duplicates(examples)
-    n_sampled_out = 0
-    if max_examples is not None and len(kept) > max_examples:
-        n_sampled_out = len(kept) - max_examples
-        kept = random.Random(seed).sample(kept, max_examples)
-    return Collected(
-        examples=kept,
-        problems=problems,
-        duplicates=duplicates,
-        formats=formats,
-        inputs={str(p): sha256_file(p) for p in paths},
-        n_read=n_read,
-        n_sampled_out=n_sampled_out,
+    exact = [{"kind": "exact", "kept": k, "removed": v} for k, v in _group_duplicates(duplicates).items()]
+    clusters += exact
+    counts["exact_duplicates"] = before - len(kept)
+    examples = kept
+    if s.near_dup_threshold is not None:
+        examples, found = _drop_clusters(
+            examples, similar.near_duplicate_clusters([e.text for e in examples], threshold=s.near_dup_threshold), "near"
+        )
+        clusters += found
+        counts["near_duplicates"] = sum(len(c["removed"]) for c in found)
+    if s.semantic_threshold is not None:
+        log(f"embedding {len(examples)} examples for semantic duplicates")
+        examples, found = _drop_clusters(
+            examples, similar.semantic_duplicate_clusters([e.text for e in examples], threshold=s.semantic_threshold),
+            "semantic",
+        )
+        clusters += found
+        counts["semantic_duplicates"] = sum(len(c["removed"]) for c in found)
+    counts["sampled_out"] = 0
+    if s.max_examples is not None and len(examples) > s.max_examples:
+        counts["sampled_out"] = len(examples) - s.max_examples
+        examples = random.Random(s.seed).sample(examples, s.max_examples)
+    if not examples:
+        raise TunewiseError("no examples are left after cleaning", field="data.path")
+
+    output_type = s.output_type if s.output_type != "auto" else detect_output_type([e.target for e in examples])
+    splits, strategy = _split(examples, s, output_type)
+
+    contaminated: list[dict] = []
+    if s.decontaminate:
+        held_out = splits["val"] + splits["test"]
+        for eval_file in s.eval_files:
+            held_out += read_examples(eval_file)[0]
+        hits = _contamination(splits["train"], held_out, s)
+        contaminated = [{"source": splits["train"][i].source, "overlaps": held_out[j].source, "how": how}
+                        for i, (j, how) in sorted(hits.items())]
+        splits["train"] = [e for i, e in enumerate(splits["train"]) if i not in hits]
+        counts["contaminated"] = len(hits)
+    if not splits["train"]:
+        raise TunewiseError("decontamination removed every training example", field="data.decontaminate")
+    counts.update({name: len(splits[name]) for name in SPLITS})
+
+    final = splits["train"] + splits["val"] + splits["test"]
+    lengths = [tokens[id(e)] for e in final] if tokens else []
+    summary = {
+        "output_type": output_type,
+        "label_balance": stats.label_balance(splits["train"], output_type),
+        "variety": stats.instruction_variety(final),
+        "output_format": stats.output_format(final),
+    }
+    if lengths:
+        summary["tokens"] = stats.token_length_stats(lengths, s.max_seq_len)
+    return Prepared(
+        splits=splits, problems=problems, clusters=clusters, contaminated=contaminated, counts=counts,
+        stats=summary, formats=formats, inputs={str(p): sha256_file(Path(p)) for p in [*paths, *s.eval_files]},
+        split_strategy=strategy, output_type=output_type, lengths=lengths,
     )
 
 
-def write_dataset(
-    collected: Collected, out_dir: Path, *, val_fraction: float, test_fraction: float, seed: int
-) -> dict:
-    """Split and write {train,val,test}.jsonl, rejected.jsonl and manifest.json atomically."""
-    splits = split_examples(collected.examples, val_fraction, test_fraction, seed)
+def _group_duplicates(duplicates: list[dict]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for d in duplicates:
+        groups.setdefault(d["duplicate_of"], []).append(d["source"])
+    return groups
+
+
+def preview_rows(tokenizer, examples: list[Example], system_prompt: str, n: int = 3) -> list[str]:
+    """The first rows exactly as training will see them (chat template applied)."""
+    return [tokenizer.apply_chat_template(with_system(e.messages, system_prompt), tokenize=False) for e in examples[:n]]
+
+
+def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, preview: list[str]) -> dict:
+    """Write splits, rejected.jsonl, manifest.json and report.html into `out_dir` atomically."""
+    from tunewise.report.data_report import write_data_report
+
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in SPLITS:
-        atomic_write_jsonl(tmp / f"{name}.jsonl", (e.to_json() for e in splits[name]))
-    atomic_write_jsonl(
-        tmp / "rejected.jsonl", ({"file": p.file, "line": p.line, "reason": p.reason} for p in collected.problems)
-    )
+        atomic_write_jsonl(tmp / f"{name}.jsonl", (e.to_json() for e in prepared.splits[name]))
+    atomic_write_jsonl(tmp / "rejected.jsonl", (p.to_json() for p in prepared.problems))
+    settings = {**asdict(s), "eval_files": list(s.eval_files)}
     manifest = {
         "tunewise_version": __version__,
-        "inputs": collected.inputs,
-        "formats": collected.formats,
-        "settings": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
-        "counts": {
-            "read": collected.n_read,
-            "rejected": len(collected.problems),
-            "exact_duplicates": len(collected.duplicates),
-            "sampled_out": collected.n_sampled_out,
-            **{name: len(splits[name]) for name in SPLITS},
-        },
-        "sha256": {name: sha256_file(tmp / f"{name}.jsonl") for name in SPLITS},
-        "duplicates": collected.duplicates,
+        "inputs": prepared.inputs,
+        "formats": prepared.formats,
+        "settings": settings,
+        "split_strategy": prepared.split_strategy,
+        "output_type": prepared.output_type,
+        "counts": prepared.counts,
+        "rejected_by_kind": dict(Counter(p.kind for p in prepared.problems)),
+        "sha256": {name: sha256_file(tmp / f"{name}.jsonl") for name in (*SPLITS, "rejected")},
+        "stats": prepared.stats,
+        "warnings": prepared.warnings,
+        "clusters": prepared.clusters,
+        "contaminated": prepared.contaminated,
     }
-    canonical = json.dumps(manifest, sort_keys=True).encode()
+    canonical = json.dumps(manifest, sort_keys=True, default=str).encode()
     manifest["version"] = hashlib.sha256(canonical).hexdigest()[:16]
+    write_data_report(prepared, manifest, tmp / "report.html", preview=preview)
     atomic_write_json(tmp / "manifest.json", manifest)
     replace_dir(tmp, out_dir)
     return manifest

@@ -6,43 +6,14 @@ The first metric of each type is the primary one the verdict uses; `BINARY` ones
 
 from __future__ import annotations
 
-import json
 import re
-import string
 from collections import Counter
-from typing import Any, Callable
+from typing import Callable
+
+from tunewise.data.outputs import normalize_label, parse_json
 
 PRIMARY = {"label": "accuracy", "json": "json_exact", "text": "token_f1"}
 BINARY = {"accuracy", "json_valid", "json_exact"}
-
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
-
-
-def normalize_label(text: str) -> str:
-    return " ".join(text.strip().strip(string.punctuation + " ").casefold().split())
-
-
-def parse_json(text: str) -> Any | None:
-    """The JSON value of an output (one surrounding markdown code fence allowed), or None."""
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return None
-
-
-def detect_output_type(targets: list[str]) -> str:
-    """json if every output is a JSON object; label if few distinct short outputs; else text."""
-    if all(isinstance(parse_json(t), dict) for t in targets):
-        return "json"
-    distinct = {normalize_label(t) for t in targets}
-    short = all(len(t.split()) <= 5 for t in targets)
-    if short and len(distinct) <= max(20, len(targets) // 20):
-        return "label"
-    return "text"
 
 
 def score_label(prediction: str, reference: str) -> dict[str, float]:

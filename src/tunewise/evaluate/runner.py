@@ -9,7 +9,8 @@ from tunewise.config import Config
 from tunewise.data import Example, load_split
 from tunewise.evaluate.arms import build_prompts, pick_shots
 from tunewise.evaluate.generate import generate
-from tunewise.evaluate.metrics import PRIMARY, detect_output_type, score_items
+from tunewise.data.outputs import detect_output_type
+from tunewise.evaluate.metrics import PRIMARY, score_items
 from tunewise.evaluate.stats import bootstrap_ci
 from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
