@@ -22,7 +22,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Base models.")
 app.add_typer(model_app, name="model")
 data_app = typer.Typer(no_args_is_help=True, help="Check and prepare data files.")
 app.add_typer(data_app, name="data")
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 DEMO = "debian-sections"
 RunsOpt = Annotated[Path, typer.Option("--runs", help="Folder that holds the run folders.")]

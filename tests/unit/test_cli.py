@@ -102,3 +102,30 @@ def test_installed_entry_point_reports_without_traceback(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "d.jsonl" in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_check_writes_nothing_and_exits_1_on_rejected_rows(tmp_path, monkeypatch, capsys):
+    rows = [{"question": f"what is item {i}?", "answer": f"item {i} is a thing of kind {i % 3}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "q.jsonl", rows + ["{broken"])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, output = run_cli(monkeypatch, capsys, "data", "check", str(path), "--map", "question=user,answer=assistant",
+                           "--no-semantic")
+    assert code == 1 and "q.jsonl:41" in output and "not valid JSON" in output
+    assert "<|im_start|>user" in output  # the preview renders rows as they will be trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    path.write_text(path.read_text().replace("{broken\n", ""))
+    code, _ = run_cli(monkeypatch, capsys, "data", "check", str(path), "--map", "question=user,answer=assistant",
+                      "--no-semantic")
+    assert code in (0, None)
+
+
+def test_data_prepare_writes_splits_manifest_and_report(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", label_rows(50))
+    out = tmp_path / "prepared"
+    code, output = run_cli(monkeypatch, capsys, "data", "prepare", str(path), "-o", str(out), "--no-semantic",
+                           "--split", "random")
+    assert code in (0, None), output
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "rejected.jsonl", "manifest.json", "report.html"):
+        assert (out / name).exists(), name
+    code, output = run_cli(monkeypatch, capsys, "data", "prepare", str(path), "-o", str(out), "--split", "group")
+    assert code == 2 and "--group-key" in output

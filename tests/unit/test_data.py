@@ -1,7 +1,11 @@
 import json
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import label_rows, write_jsonl
 from tunewise.data import DataSettings, parse_mapping, prepare, read_examples, write_prepared
@@ -193,3 +197,33 @@ def test_label_imbalance_warns(tmp_path):
     rows = [{"prompt": f"item {i}", "completion": "yes" if i < 95 else "no"} for i in range(100)]
     prepared = _prepared(tmp_path, rows, near_dup_threshold=None)
     assert any("imbalance" in w for w in prepared.warnings)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
+def test_read_examples_never_crashes_on_arbitrary_bytes(data, suffix):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"rows{suffix}"
+        path.write_bytes(data)
+        try:
+            examples, problems, _ = read_examples(path)
+        except TunewiseError:
+            return
+        assert all(p.line >= 1 and p.reason for p in problems)
+
+
+@settings(max_examples=100, deadline=None)
+@given(contents=st.lists(st.text(min_size=1).filter(str.strip), min_size=1, max_size=8),
+       garbage=st.lists(st.text(alphabet="{[:,x ", min_size=1, max_size=10).filter(lambda t: t.strip()), max_size=5))
+def test_no_valid_row_is_lost(contents, garbage):
+    rows = [{"prompt": c, "completion": c} for c in contents]
+    lines = [json.dumps(r) for r in rows] + garbage
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        try:
+            examples, problems, _ = read_examples(path)
+        except TunewiseError:
+            assert False, "valid rows were present"
+        assert [e.messages[0]["content"] for e in examples] == contents
+        assert [p.line for p in problems] == list(range(len(rows) + 1, len(lines) + 1))

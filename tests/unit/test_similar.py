@@ -107,6 +107,16 @@ def test_threshold_is_monotonic():
     assert all(any(set(c) <= set(big) for big in loose) for c in strict)
 
 
+def test_pairs_just_above_threshold_are_found():
+    # Jaccard 35/37 = 0.946 at threshold 0.9: an LSH tuned for balance misses about a quarter
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(5000)]
+    bases = [[rng.choice(vocab) for _ in range(40)] for _ in range(50)]
+    texts = [" ".join(b) for b in bases] + [" ".join(b[:-1] + ["changed"]) for b in bases]
+    found = [c for c in near_duplicate_clusters(texts, threshold=0.9) if len(c) == 2 and c[1] == c[0] + 50]
+    assert len(found) >= 45
+
+
 @pytest.mark.parametrize("positions", [[39], [20], [5, 30], [10, 20, 30], [3, 13, 23, 33]])
 def test_estimate_matches_exact_jaccard_within_a_tenth(positions):
     a, b = BASE, _changed(positions)
