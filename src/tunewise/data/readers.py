@@ -145,7 +145,7 @@ def _jsonl_row(number: int, raw: bytes) -> Row | None:
     try:
         return Row(number, json.loads(text), None)
     except json.JSONDecodeError as err:
-        reason = f"not valid JSON ({err.msg} at column {err.colno})"
+        reason = f"not valid JSON: {err.msg} (column {err.colno})"
         if not ended:
             reason += "; it is the last line and has no newline at the end: the file looks truncated"
         return Row(number, None, reason)
@@ -222,7 +222,7 @@ def _json_error(path: Path, message: str, text: str, pos: int) -> TunewiseError:
     line = text.count("\n", 0, pos) + 1
     column = pos - text.rfind("\n", 0, pos)
     truncated = " (the file ends early: it looks truncated)" if pos >= len(text) else ""
-    return TunewiseError(f"not valid JSON ({message} at column {column}){truncated}", file=path, line=line,
+    return TunewiseError(f"not valid JSON: {message} (column {column}){truncated}", file=path, line=line,
                          fix="a .json file must be one JSON array of objects; or use .jsonl, one object per line")
 
 
