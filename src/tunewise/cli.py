@@ -152,6 +152,20 @@ KeyOpt = Annotated[Optional[str], typer.Option(help="Field for split: group / ti
 EvalOpt = Annotated[list[Path], typer.Option("--eval-file", help="An eval set training must not overlap.")]
 
 
+def _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key,
+                          eval_file):
+    """Run the data stage in memory with settings from a config file or from the options:
+    returns (Prepared, DataSettings, tokenizer)."""
+    from tunewise.data import prepare
+    from tunewise.models import load_tokenizer, resolve_base
+
+    paths, settings, base = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
+                                         group_key, time_key, eval_file)
+    tokenizer = load_tokenizer(resolve_base(base))
+    prepared = prepare(paths, settings, tokenizer=tokenizer, log=lambda m: console.print(m, markup=False))
+    return prepared, settings, tokenizer
+
+
 def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key, eval_file):
     """Paths, DataSettings and base model name from a config file or from the options."""
     from tunewise.config import load_config
@@ -180,13 +194,10 @@ def data_check(
     split: SplitOpt = "auto", group_key: KeyOpt = None, time_key: KeyOpt = None, eval_file: EvalOpt = [],
 ) -> None:
     """Validate, clean and split in memory; print a summary; write nothing. Exit 1 if rows were rejected."""
-    from tunewise.data import prepare, preview_rows
-    from tunewise.models import load_tokenizer, resolve_base
+    from tunewise.data import preview_rows
 
-    paths, settings, base = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
-                                         group_key, time_key, eval_file)
-    tokenizer = load_tokenizer(resolve_base(base))
-    prepared = prepare(paths, settings, tokenizer=tokenizer, log=lambda m: console.print(m, markup=False))
+    prepared, settings, tokenizer = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
+                                                          split, group_key, time_key, eval_file)
     c = prepared.counts
     table = Table(title="data check")
     table.add_column("step")
@@ -221,14 +232,11 @@ def data_prepare(
     split: SplitOpt = "auto", group_key: KeyOpt = None, time_key: KeyOpt = None, eval_file: EvalOpt = [],
 ) -> None:
     """Write train/val/test splits, rejected.jsonl, manifest.json and report.html into -o DIR."""
-    from tunewise.data import prepare, preview_rows, write_prepared
-    from tunewise.models import load_tokenizer, resolve_base
+    from tunewise.data import preview_rows, write_prepared
     from tunewise.pipeline import print_data_summary
 
-    paths, settings, base = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
-                                         group_key, time_key, eval_file)
-    tokenizer = load_tokenizer(resolve_base(base))
-    prepared = prepare(paths, settings, tokenizer=tokenizer, log=lambda m: console.print(m, markup=False))
+    prepared, settings, tokenizer = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
+                                                          split, group_key, time_key, eval_file)
     manifest = write_prepared(prepared, output, settings,
                               preview=preview_rows(tokenizer, prepared.splits["train"], settings.system_prompt))
     print_data_summary(console, manifest, prepared.problems)

@@ -215,7 +215,7 @@ def prepare(
     if s.decontaminate:
         held_out = splits["val"] + splits["test"]
         for eval_file in s.eval_files:
-            held_out += read_examples(eval_file)[0]
+            held_out += read_examples(eval_file, mapping=s.mapping)[0]
         hits = _contamination(splits["train"], held_out, s)
         contaminated = [{"source": splits["train"][i].source, "overlaps": held_out[j].source, "how": how}
                         for i, (j, how) in sorted(hits.items())]
