@@ -126,6 +126,11 @@ class RunDir:
         return self.root / "metrics" / f"{arm}.json"
 
     @property
+    def index(self) -> Path:
+        """The retrieval index of the train split (retrieved few-shot arm)."""
+        return self.root / "index"
+
+    @property
     def adapter(self) -> Path:
         return self.root / "adapter"
 

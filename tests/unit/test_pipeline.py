@@ -33,11 +33,16 @@ def test_run_writes_every_stage_artifact(finished_run):
     for path in [run.config, run.manifest, run.decision, run.train_log, run.verdict, run.report,
                  run.adapter / "adapter_config.json", run.adapter / "adapter_model.safetensors"]:
         assert path.exists(), path
-    for arm in ("zero_shot", "few_shot", "finetuned"):
+    for arm in ("zero_shot", "few_shot", "retrieved_few_shot", "finetuned"):
         rows = [json.loads(line) for line in run.predictions(arm).read_text().splitlines()]
         assert len(rows) == 8 and all("output" in r and "scores" in r for r in rows)
         assert read_json(run.metrics(arm))["primary"] == "json_exact"
     assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and verdict["n_items"] == 8
+    assert set(verdict["means"]) == {"zero_shot", "few_shot", "retrieved_few_shot", "finetuned"}
+    retrieved = [json.loads(line) for line in run.predictions("retrieved_few_shot").read_text().splitlines()]
+    train_sources = {json.loads(line)["source"] for line in run.split("train").read_text().splitlines()}
+    assert all(len(r["shots"]) == 3 and set(r["shots"]) <= train_sources for r in retrieved)
+    assert (run.index / "train_embeddings.npy").exists()
     assert read_json(run.status)["state"] == "complete"
     assert set(read_json(run.status)["timings"]) >= {"data", "baseline", "train", "evaluate", "verdict"}
     # 64 training examples, fewer than 200: the decide stage warns

@@ -6,7 +6,7 @@ import random
 
 from tunewise.data.records import Example, Message, with_system
 
-BASELINE_ARMS = ("zero_shot", "few_shot")
+BASELINE_ARMS = ("zero_shot", "few_shot", "retrieved_few_shot")
 FINETUNED = "finetuned"
 
 
@@ -19,7 +19,7 @@ def zero_shot_prompt(example: Example, system_prompt: str) -> list[Message]:
     return with_system(example.prompt_messages, system_prompt)
 
 
-def few_shot_prompt(example: Example, system_prompt: str, shots: list[Example]) -> list[Message]:
+def shots_prompt(example: Example, system_prompt: str, shots: list[Example]) -> list[Message]:
     """System prompt, then each shot as a user/assistant exchange, then the test item."""
     demo: list[Message] = []
     for shot in shots:
@@ -29,7 +29,10 @@ def few_shot_prompt(example: Example, system_prompt: str, shots: list[Example]) 
     return head + demo + prompt[len(head) :]
 
 
-def build_prompts(arm: str, test: list[Example], system_prompt: str, shots: list[Example]) -> list[list[Message]]:
-    if arm == "few_shot":
-        return [few_shot_prompt(e, system_prompt, shots) for e in test]
+def build_prompts(
+    arm: str, test: list[Example], system_prompt: str, shots: list[list[Example]]
+) -> list[list[Message]]:
+    """Prompts of one arm; `shots[i]` are the examples shown before test item i (few-shot arms)."""
+    if arm in ("few_shot", "retrieved_few_shot"):
+        return [shots_prompt(e, system_prompt, s) for e, s in zip(test, shots)]
     return [zero_shot_prompt(e, system_prompt) for e in test]  # zero_shot and finetuned

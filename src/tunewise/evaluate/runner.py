@@ -8,6 +8,7 @@ from rich.console import Console
 from tunewise.config import Config
 from tunewise.data import Example, load_split
 from tunewise.evaluate.arms import build_prompts, pick_shots
+from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.generate import generate
 from tunewise.data.outputs import detect_output_type
 from tunewise.evaluate.metrics import PRIMARY, score_items
@@ -51,9 +52,12 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
     test = test_items(run, config)
     kind = output_type(config, train)
     budget = max_new_tokens(config, tokenizer, train)
-    shots = pick_shots(train, config.eval.few_shot_k, config.data.seed)
+    fixed = pick_shots(train, config.eval.few_shot_k, config.data.seed)
     references = [e.target for e in test]
     for arm in arms:
+        shots = [fixed] * len(test)
+        if arm == "retrieved_few_shot":
+            shots = retrieve_shots(train, test, config.eval.few_shot_k, run.index)
         prompts = build_prompts(arm, test, config.task.system_prompt, shots)
         outputs = generate(
             model, tokenizer, prompts, max_new_tokens=budget, batch_size=config.eval.batch_size,
@@ -62,12 +66,13 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
         scores = score_items(kind, outputs, references)
         rows = [
             {"source": e.source, "prompt": e.prompt_messages[-1]["content"], "reference": r, "output": o, "scores": s}
-            for e, r, o, s in zip(test, references, outputs, scores)
+            | ({"shots": [x.source for x in item_shots]} if arm.endswith("few_shot") else {})
+            for e, r, o, s, item_shots in zip(test, references, outputs, scores, shots)
         ]
         atomic_write_jsonl(run.predictions(arm), rows)
         ev = config.eval
         metrics = arm_metrics(scores, kind=kind, samples=ev.bootstrap_samples, alpha=ev.alpha, seed=config.data.seed)
-        metrics.update(arm=arm, shots=[s.source for s in shots] if arm == "few_shot" else [],
+        metrics.update(arm=arm, shots=[s.source for s in fixed] if arm == "few_shot" else [],
                        max_new_tokens=budget, provenance=run.provenance(config.data.seed))
         atomic_write_json(run.metrics(arm), metrics)
         primary = metrics["metrics"][metrics["primary"]]

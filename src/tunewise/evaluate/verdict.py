@@ -12,7 +12,9 @@ SHIP, NO_SHIP = "SHIP", "DO NOT SHIP"
 
 
 def _pretty(arm: str) -> str:
-    return {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting", FINETUNED: "the fine-tune"}.get(arm, arm)
+    names = {"zero_shot": "zero-shot prompting", "few_shot": "few-shot prompting",
+             "retrieved_few_shot": "retrieved few-shot prompting", FINETUNED: "the fine-tune"}
+    return names.get(arm, arm)
 
 
 def overfitting_flag(log_rows: list[dict]) -> str | None:
