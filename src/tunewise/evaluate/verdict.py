@@ -73,7 +73,7 @@ def decide_verdict(
     if ship:
         reason = f"{head}: significant and at least the margin of {margin}."
     elif diff.mean <= 0:
-        reason = f"{head}: the fine-tune does not beat {_pretty(best)}; use the prompt instead."
+        reason = f"{head}: the fine-tune does not beat {_pretty(best)}; use {_pretty(best)} instead."
     elif not significant:
         reason = f"{head}: not significant at alpha={alpha}."
     else:
