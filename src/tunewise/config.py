@@ -111,6 +111,9 @@ class EvalConfig(_Strict):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the paired test.")
     bootstrap_samples: int = Field(2000, ge=100, description="Resamples for bootstrap intervals.")
     report_samples: int = Field(20, ge=0, description="Test items shown side by side in the report.")
+    json_schema: dict | None = Field(
+        None, description="JSON Schema outputs must follow; inferred from the training outputs if unset."
+    )
 
 
 class Config(_Strict):

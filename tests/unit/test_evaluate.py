@@ -3,8 +3,8 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 from tunewise.data.outputs import detect_output_type, parse_json
-from tunewise.evaluate.metrics import score_json, score_label, score_text
-from tunewise.evaluate.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap
+from tunewise.evaluate.metrics import infer_schema, macro_f1, score_items, score_json, score_label, score_text
+from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic, mcnemar_exact, paired_bootstrap
 from tunewise.evaluate.verdict import NO_SHIP, SHIP, decide_verdict, overfitting_flag
 
 
@@ -78,3 +78,48 @@ def test_overfitting_flag():
     assert "overfitting" in overfitting_flag(rising)
     falling = [r if "val_loss" not in r else {**r, "val_loss": 1.0 / r["step"]} for r in rising]
     assert overfitting_flag(falling) is None
+
+
+def test_schema_inferred_from_training_outputs_and_checked_with_jsonschema():
+    targets = ['{"section": "net", "architecture": "any"}', '{"section": "doc", "architecture": "all"}']
+    schema = infer_schema(targets)
+    assert schema["required"] == ["section", "architecture"] and schema["additionalProperties"] is False
+    assert schema["properties"]["section"] == {"type": "string", "enum": ["doc", "net"]}
+    ref = targets[0]
+    ok = score_json('{"section": "doc", "architecture": "all"}', ref, schema)
+    assert ok["json_schema_valid"] == 1.0 and ok["json_exact"] == 0.0
+    for bad in ['{"section": "games", "architecture": "all"}', '{"section": "net"}',
+                '{"section": "net", "architecture": "any", "extra": 1}', "not json"]:
+        assert score_json(bad, ref, schema)["json_schema_valid"] == 0.0, bad
+
+
+def test_text_metrics_come_from_the_reference_libraries():
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    pred, ref = "the cat sat on the mat", "the cat lay on the mat"
+    scores = score_items("text", [pred], [ref])[0]
+    assert scores["rouge_l"] == pytest.approx(rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure)
+    assert scores["chrf"] == pytest.approx(CHRF().sentence_score(pred, [ref]).score / 100)
+    same = score_items("text", [ref], [ref])[0]
+    assert same["rouge_l"] == 1.0 and same["chrf"] == pytest.approx(1.0) and same["bleu"] == pytest.approx(1.0)
+
+
+def test_length_ratio_and_refusal_for_every_type():
+    rows = score_items("label", ["I'm sorry, but I can't help with that.", "yes"], ["no", "no"])
+    assert rows[0]["refusal"] == 1.0 and rows[1]["refusal"] == 0.0
+    assert rows[1]["length_ratio"] == pytest.approx(1.5)
+    assert score_items("json", ['{"a": 1}'], ['{"a": 1}'])[0]["refusal"] == 0.0
+
+
+def test_macro_f1_by_hand_and_its_bootstrap():
+    refs = ["a", "a", "b", "b"]
+    preds = ["a", "b", "b", "b"]
+    # a: P=1, R=.5, F1=2/3; b: P=2/3, R=1, F1=.8; macro = (2/3 + .8) / 2
+    assert macro_f1(preds, refs) == pytest.approx((2 / 3 + 0.8) / 2)
+    scores = [1.0] * 30 + [0.0] * 20
+    mean_ci = bootstrap_ci(scores, samples=300, alpha=0.05, seed=0)
+    stat_ci = bootstrap_statistic(lambda idx: float(np.mean([scores[i] for i in idx])), 50, samples=300,
+                                  alpha=0.05, seed=0)
+    assert stat_ci.mean == mean_ci.mean == 0.6
+    assert stat_ci.low == pytest.approx(mean_ci.low, abs=0.03) and stat_ci.high == pytest.approx(mean_ci.high, abs=0.03)

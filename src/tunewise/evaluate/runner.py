@@ -11,8 +11,8 @@ from tunewise.evaluate.arms import build_prompts, pick_shots
 from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.generate import generate
 from tunewise.data.outputs import detect_output_type
-from tunewise.evaluate.metrics import PRIMARY, score_items
-from tunewise.evaluate.stats import bootstrap_ci
+from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
+from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
 from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
 
@@ -37,12 +37,20 @@ def test_items(run: RunDir, config: Config) -> list[Example]:
     return test[: config.eval.max_test] if config.eval.max_test else test
 
 
-def arm_metrics(scores: list[dict[str, float]], *, kind: str, samples: int, alpha: float, seed: int) -> dict:
+def arm_metrics(
+    scores: list[dict[str, float]], outputs: list[str], references: list[str], *, kind: str, samples: int,
+    alpha: float, seed: int,
+) -> dict:
     names = list(dict.fromkeys(k for s in scores for k in s))
     metrics = {}
     for name in names:
         values = [s.get(name, 0.0) for s in scores]
         metrics[name] = bootstrap_ci(values, samples=samples, alpha=alpha, seed=seed).to_dict()
+    if kind == "label":  # macro-F1 is not a mean over items: bootstrap the statistic itself
+        metrics["macro_f1"] = bootstrap_statistic(
+            lambda idx: macro_f1([outputs[i] for i in idx], [references[i] for i in idx]),
+            len(outputs), samples=min(samples, 500), alpha=alpha, seed=seed,
+        ).to_dict()
     return {"output_type": kind, "primary": PRIMARY[kind], "n": len(scores), "metrics": metrics}
 
 
@@ -53,6 +61,9 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
     kind = output_type(config, train)
     budget = max_new_tokens(config, tokenizer, train)
     fixed = pick_shots(train, config.eval.few_shot_k, config.data.seed)
+    schema = None
+    if kind == "json":
+        schema = config.eval.json_schema or infer_schema([e.target for e in train])
     references = [e.target for e in test]
     for arm in arms:
         shots = [fixed] * len(test)
@@ -63,7 +74,7 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
             model, tokenizer, prompts, max_new_tokens=budget, batch_size=config.eval.batch_size,
             console=console, label=arm,
         )
-        scores = score_items(kind, outputs, references)
+        scores = score_items(kind, outputs, references, schema=schema)
         rows = [
             {"source": e.source, "prompt": e.prompt_messages[-1]["content"], "reference": r, "output": o, "scores": s}
             | ({"shots": [x.source for x in item_shots]} if arm.endswith("few_shot") else {})
@@ -71,8 +82,9 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
         ]
         atomic_write_jsonl(run.predictions(arm), rows)
         ev = config.eval
-        metrics = arm_metrics(scores, kind=kind, samples=ev.bootstrap_samples, alpha=ev.alpha, seed=config.data.seed)
-        metrics.update(arm=arm, shots=[s.source for s in fixed] if arm == "few_shot" else [],
+        metrics = arm_metrics(scores, outputs, references, kind=kind, samples=ev.bootstrap_samples, alpha=ev.alpha,
+                              seed=config.data.seed)
+        metrics.update(arm=arm, shots=[s.source for s in fixed] if arm == "few_shot" else [], json_schema=schema,
                        max_new_tokens=budget, provenance=run.provenance(config.data.seed))
         atomic_write_json(run.metrics(arm), metrics)
         primary = metrics["metrics"][metrics["primary"]]

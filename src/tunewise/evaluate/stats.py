@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.stats import binomtest
@@ -25,6 +26,16 @@ def bootstrap_ci(scores: list[float], *, samples: int, alpha: float, seed: int) 
     means = x[rng.integers(0, len(x), size=(samples, len(x)))].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return Interval(float(x.mean()), float(low), float(high))
+
+
+def bootstrap_statistic(
+    statistic: Callable[[np.ndarray], float], n: int, *, samples: int, alpha: float, seed: int
+) -> Interval:
+    """Percentile bootstrap of any statistic of the items, given as a function of item indices."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, n, size=n)) for _ in range(samples)]
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return Interval(float(statistic(np.arange(n))), float(low), float(high))
 
 
 def paired_bootstrap(a: list[float], b: list[float], *, samples: int, alpha: float, seed: int) -> tuple[Interval, float]:
