@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.text import Text
 
 from tunewise.config import Config, dump_config, load_config
 from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
@@ -48,7 +49,7 @@ def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, co
     tokenizer = load_tokenizer(resolve_base(config.model.base))
     settings = DataSettings.from_config(config)
     prepared = prepare([Path(p) for p in config.data.paths], settings, tokenizer=tokenizer,
-                       log=lambda m: console.print(f"[bold]data[/] {m}"))
+                       log=lambda m: console.print(Text.assemble(("data ", "bold"), m)))
     run = new_run_dir(runs_root, config.task.name)
     atomic_write_text(run.config, dump_config(config))
     run.set_status("running")
@@ -68,11 +69,11 @@ def print_data_summary(console: Console, manifest: dict, problems: list) -> None
         f"{manifest['split_strategy']} split {c['train']}/{c['val']}/{c['test']} (dataset {manifest['version']})"
     )
     for problem in problems[:10]:
-        console.print(f"  [yellow]skipped[/] {problem}", markup=True, highlight=False)
+        console.print(Text.assemble(("  skipped ", "yellow"), str(problem)))
     if len(problems) > 10:
         console.print(f"  ... and {len(problems) - 10} more in data/rejected.jsonl")
     for warning in manifest["warnings"]:
-        console.print(f"[yellow]warning[/] {warning}")
+        console.print(Text.assemble(("warning ", "yellow"), warning))
 
 
 def stage_decide(run: RunDir, config: Config, console: Console) -> None:
@@ -89,7 +90,7 @@ def stage_decide(run: RunDir, config: Config, console: Console) -> None:
         decision = {**made.to_dict(), "train_examples": counts["train"], "warnings": [*made.warnings, *warnings]}
         console.print(f"[bold]decide[/] {made.headline()}")
     for warning in decision["warnings"]:
-        console.print(f"[yellow]warning[/] {warning}")
+        console.print(Text.assemble(("warning ", "yellow"), warning))
     atomic_write_json(run.decision, decision)
 
 

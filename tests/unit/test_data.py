@@ -227,3 +227,17 @@ def test_no_valid_row_is_lost(contents, garbage):
             assert False, "valid rows were present"
         assert [e.messages[0]["content"] for e in examples] == contents
         assert [p.line for p in problems] == list(range(len(rows) + 1, len(lines) + 1))
+
+
+def test_dataset_version_depends_on_content_not_on_the_folder(tmp_path):
+    rows = label_rows(60)
+    versions = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        path = write_jsonl(tmp_path / folder / "d.jsonl", rows)
+        settings = DataSettings(**FAST)
+        versions.append(write_prepared(prepare([path], settings), tmp_path / folder / "out", settings, preview=[])["version"])
+    assert versions[0] == versions[1]
+    changed = write_jsonl(tmp_path / "c.jsonl", label_rows(60, seed=1))
+    other = write_prepared(prepare([changed], DataSettings(**FAST)), tmp_path / "c", DataSettings(**FAST), preview=[])
+    assert other["version"] != versions[0]

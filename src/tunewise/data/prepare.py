@@ -280,12 +280,20 @@ def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, previe
         "clusters": prepared.clusters,
         "contaminated": prepared.contaminated,
     }
-    canonical = json.dumps(manifest, sort_keys=True, default=str).encode()
-    manifest["version"] = hashlib.sha256(canonical).hexdigest()[:16]
+    manifest["version"] = dataset_version(manifest)
     write_data_report(prepared, manifest, tmp / "report.html", preview=preview)
     atomic_write_json(tmp / "manifest.json", manifest)
     replace_dir(tmp, out_dir)
     return manifest
+
+
+def dataset_version(manifest: dict) -> str:
+    """Hash of what the dataset is (content hashes, settings, counts, findings), not of where
+    its files lie: the same data prepared from another folder has the same version."""
+    basis = {k: v for k, v in manifest.items() if k not in ("inputs", "formats", "version")}
+    basis["inputs"] = sorted(manifest["inputs"].values())
+    basis["settings"] = {k: v for k, v in manifest["settings"].items() if k != "eval_files"}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_split(path: Path) -> list[Example]:
