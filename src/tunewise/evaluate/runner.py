@@ -10,17 +10,15 @@ from tunewise.data import Example, load_split
 from tunewise.evaluate.arms import build_prompts, pick_shots
 from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.generate import generate
-from tunewise.data.outputs import detect_output_type
 from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
 from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
 from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
-from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_jsonl
+from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
 
-def output_type(config: Config, train: list[Example]) -> str:
-    if config.task.output_type != "auto":
-        return config.task.output_type
-    return detect_output_type([e.target for e in train])
+def output_type(run: RunDir) -> str:
+    """The data stage decided it (from the config or the outputs); the manifest says which."""
+    return read_json(run.manifest)["output_type"]
 
 
 def max_new_tokens(config: Config, tokenizer, train: list[Example]) -> int:
@@ -58,7 +56,7 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
     """Generate, score and write predictions/<arm>.jsonl and metrics/<arm>.json for each arm."""
     train = load_split(run.split("train"))
     test = test_items(run, config)
-    kind = output_type(config, train)
+    kind = output_type(run)
     budget = max_new_tokens(config, tokenizer, train)
     fixed = pick_shots(train, config.eval.few_shot_k, config.data.seed)
     schema = None
