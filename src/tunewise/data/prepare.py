@@ -21,7 +21,7 @@ from tunewise.data import similar, stats
 from tunewise.data.clean import drop_exact_duplicates
 from tunewise.data.formats import Problem, read_examples
 from tunewise.data.outputs import detect_output_type, label_of
-from tunewise.data.records import Example, with_system
+from tunewise.data.records import Example, render_ids, with_system
 from tunewise.data.split import group_split, random_split, stratified_split, time_split
 from tunewise.errors import TunewiseError
 from tunewise.runs import atomic_write_json, atomic_write_jsonl, replace_dir, sha256_file
@@ -95,8 +95,7 @@ class Prepared:
 
 
 def _chat_tokens(tokenizer, example: Example, system_prompt: str) -> int:
-    text = tokenizer.apply_chat_template(with_system(example.messages, system_prompt), tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(render_ids(tokenizer, with_system(example.messages, system_prompt)))
 
 
 def _drop_clusters(examples: list[Example], clusters: list[list[int]], kind: str) -> tuple[list[Example], list[dict]]:

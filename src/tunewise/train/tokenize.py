@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunewise.data.records import Message
+from tunewise.data.records import Message, render_ids
 from tunewise.errors import TunewiseError
 
 IGNORE = -100
@@ -17,12 +17,6 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-def render_ids(tokenizer, messages: list[Message], *, generation_prompt: bool) -> list[int]:
-    """Token ids of `messages` under the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_chat(tokenizer, messages: list[Message]) -> Encoded:
