@@ -176,7 +176,7 @@ def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, spli
         paths = [Path(p) for p in cfg.data.paths] if not files else list(files)
         return paths, DataSettings.from_config(cfg), cfg.model.base
     if not files:
-        raise TunewiseError("no data files given", fix="tunewise data check FILE... (or -c tunewise.yaml)")
+        raise TunewiseError("no data files given", fix="pass one or more data files (or -c tunewise.yaml)")
     if split == "group" and not group_key or split == "time" and not time_key:
         raise TunewiseError(f"--split {split} needs --{split}-key FIELD", field="--split")
     settings = DataSettings(
