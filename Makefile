@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TW := $(VENV)/bin/tunewise
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model demo test test-fast clean
+.PHONY: setup model browser demo test test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,16 @@ setup: $(STAMP)
 model: setup
 	$(TW) model import
 
+# Headless Chromium runs the report pages in the browser tests (a Debian package).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "Chromium is missing and this is not root: sudo apt-get install chromium"; exit 1; }
+
 demo: model
 	$(TW) demo
 
-test: model
+test: model browser
 	$(PY) -m pytest -m "not gpu" -q
 
 test-fast: setup

@@ -71,3 +71,13 @@ eval:
         return config
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def generation_cache(tmp_path_factory):
+    """Each test session gets its own generation cache, so a test never reads outputs that an
+    earlier session cached (the tiny model is seeded: its fingerprint repeats across sessions)."""
+    path = tmp_path_factory.mktemp("cache") / "generations.sqlite"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("tunewise.evaluate.runner.default_path", lambda: path)
+        yield path

@@ -33,21 +33,37 @@ def _example_dir() -> Path:
 
 
 def print_verdict(verdict: dict, run_root: Path) -> None:
-    table = Table(title=f"{verdict['primary_metric']} on {verdict['n_items']} test items")
-    table.add_column("arm")
-    table.add_column("mean", justify="right")
-    table.add_column("95% CI", justify="right")
     from tunewise.runs import read_json
 
+    primary = verdict["primary_metric"]
+    table = Table(title=f"{primary} on {verdict['n_items']} test items")
+    for column, justify in (("arm", "left"), ("mean", "right"), ("95% CI", "right"),
+                            ("fine-tune minus arm (paired 95% CI)", "right"), ("p", "right")):
+        table.add_column(column, justify=justify)
     for arm, mean in verdict["means"].items():
-        ci = read_json(run_root / "metrics" / f"{arm}.json")["metrics"][verdict["primary_metric"]]
+        ci = read_json(run_root / "metrics" / f"{arm}.json")["metrics"][primary]
         style = "bold" if arm in ("finetuned", verdict["best_baseline"]) else ""
-        table.add_row(arm, f"{mean:.3f}", f"[{ci['low']:.3f}, {ci['high']:.3f}]", style=style)
+        cmp = verdict.get("comparisons", {}).get(arm)
+        diff = (f"{cmp['difference']['mean']:+.3f} [{cmp['difference']['low']:+.3f}, {cmp['difference']['high']:+.3f}]"
+                if cmp else "")
+        p = f"{cmp['test']['p_value']:.3g}" if cmp else ""
+        name = arm if arm == "finetuned" or arm in verdict.get("baselines", [arm]) else f"{arm} (reference)"
+        table.add_row(name, f"{mean:.3f}", f"[{ci['low']:.3f}, {ci['high']:.3f}]", diff, p, style=style)
     console.print(table)
+    if "regression" in verdict:
+        base, ft = verdict["regression"]["base"], verdict["regression"]["finetuned"]
+        console.print(f"general regression set: base {base['mean']:.3f}, fine-tune {ft['mean']:.3f}")
+    pairwise = verdict.get("judge", {}).get("pairwise")
+    if pairwise and pairwise["win_rate_a"]["mean"] is not None:
+        win = pairwise["win_rate_a"]
+        console.print(f"judge: fine-tune vs {pairwise['arm_b']} win rate {win['mean']:.3f} "
+                      f"[{win['low']:.3f}, {win['high']:.3f}] over {pairwise['consistent']} order-consistent items, "
+                      f"position-inconsistent {pairwise['position_inconsistency_rate']:.1%}")
     colour = "green" if verdict["decision"] == "SHIP" else "red"
     console.print(Text(verdict["decision"], style=f"bold {colour}"), Text(verdict["reason"]))
     for flag in verdict["red_flags"]:
-        console.print(Text(f"red flag: {flag}", style="yellow"))
+        tag = "red flag (blocks SHIP)" if flag["blocking"] else "red flag"
+        console.print(Text(f"{tag}: {flag['message']}", style="yellow"))
     console.print(f"report: {run_root / 'report.html'}")
 
 
@@ -95,9 +111,21 @@ def demo(
     print_verdict(verdict, run_dir.root)
 
 
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder made by `tunewise run`.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Change an eval key: --set eval.max_test=50")] = [],
+) -> None:
+    """Evaluate a trained run again: every arm, metric, judge, red flag, verdict and report."""
+    from tunewise.pipeline import evaluate_run
+
+    run, verdict = evaluate_run(run_dir, set_, console)
+    print_verdict(verdict, run.root)
+
+
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="decide | baseline | train | evaluate | verdict | report")],
+    name: Annotated[str, typer.Argument(help="decide | baseline | train | evaluate | judge | verdict | report")],
     run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tunewise run`.")],
 ) -> None:
     """Run (or re-run) one stage of an existing run."""

@@ -102,18 +102,82 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed of LoRA init, dropout and batch order.")
 
 
+RED_FLAGS = ("overfitting", "length_drift", "refusal", "forgetting")
+BUILTIN_ARMS = ("zero_shot", "few_shot", "retrieved_few_shot", "finetuned")
+
+
+class _Remote(_Strict):
+    url: str = Field(..., description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., description="Model name sent with each request.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable that holds the API key (the key itself never goes in YAML)."
+    )
+    concurrency: int = Field(4, gt=0, le=64, description="Requests in flight at once.")
+    timeout: float = Field(120.0, gt=0, description="Seconds before a request is abandoned.")
+
+
+class EndpointConfig(_Remote):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Arm name in the tables and the report.")
+    baseline: bool = Field(
+        True, description="Count this arm as a baseline the fine-tune must beat (false: shown for reference)."
+    )
+
+
+class JudgeConfig(_Remote):
+    rubric: dict[str, str] = Field(
+        default_factory=lambda: {
+            "correctness": "The answer says what the reference says; nothing false or missing.",
+            "format": "The answer has the form the task asks for, with nothing extra.",
+        },
+        description="Dimension -> what a 5 means; each answer gets 1-5 per dimension with a reason.",
+    )
+    pairwise: bool = Field(True, description="Also ask which of fine-tune and best baseline is better, both orders.")
+    max_items: int | None = Field(50, gt=0, description="Judge only the first N test items (judges cost money).")
+
+
 class EvalConfig(_Strict):
-    few_shot_k: int = Field(3, ge=1, description="Examples from the train split in the few-shot arm.")
+    few_shot_k: int = Field(3, ge=1, description="Examples from the train split in the few-shot arms.")
     max_new_tokens: int | None = Field(None, gt=0, description="Generation budget; derived if unset.")
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
     max_test: int | None = Field(None, gt=0, description="Score only the first N test items.")
+    primary_metric: str | None = Field(
+        None, description="Metric the verdict uses; default by output type (accuracy, json_exact, token_f1)."
+    )
     margin: float = Field(0.02, ge=0, description="Gain over the best baseline required to ship.")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the paired test.")
     bootstrap_samples: int = Field(2000, ge=100, description="Resamples for bootstrap intervals.")
-    report_samples: int = Field(20, ge=0, description="Test items shown side by side in the report.")
+    report_samples: int = Field(200, ge=0, description="Test items in the report's side-by-side table.")
     json_schema: dict | None = Field(
         None, description="JSON Schema outputs must follow; inferred from the training outputs if unset."
     )
+    endpoints: list[EndpointConfig] = Field(
+        default_factory=list, description="Extra arms: OpenAI-compatible endpoints (hosted, vLLM, llama.cpp)."
+    )
+    judge: JudgeConfig | None = Field(None, description="LLM-as-judge through an OpenAI-compatible endpoint.")
+    forgetting: bool = Field(True, description="Score base and fine-tune on tunewise's general regression set.")
+    block_on: list[Literal["overfitting", "length_drift", "refusal", "forgetting"]] = Field(
+        default_factory=lambda: ["length_drift", "refusal", "forgetting"],
+        description="Red flags that turn SHIP into DO NOT SHIP (overfitting is shown but does not block by "
+        "default: the best checkpoint, from before validation loss rose, is the one evaluated).",
+    )
+    max_length_ratio: float = Field(
+        2.0, gt=1, description="Length drift: outputs longer than this many times (or shorter than 1/x) the references."
+    )
+    max_refusal_increase: float = Field(
+        0.05, ge=0, description="Refusal flag: fine-tune refuses this much more often than the base model."
+    )
+    max_forgetting_drop: float = Field(
+        0.1, ge=0, description="Forgetting flag: regression-set accuracy falls by more than this."
+    )
+    cache: bool = Field(True, description="Reuse outputs cached by model + prompt + generation settings.")
+
+    @model_validator(mode="after")
+    def _arm_names(self) -> "EvalConfig":
+        names = [e.name for e in self.endpoints]
+        clash = [n for n in names if n in BUILTIN_ARMS or names.count(n) > 1]
+        if clash:
+            raise ValueError(f"eval.endpoints: name '{clash[0]}' is taken; built-in arms are {', '.join(BUILTIN_ARMS)}")
+        return self
 
 
 class Config(_Strict):

@@ -21,17 +21,27 @@ from tunewise.errors import TunewiseError
 from tunewise.evaluate.arms import BASELINE_ARMS, FINETUNED
 from tunewise.evaluate.runner import (
     arm_scores,
+    endpoint_arms,
+    endpoint_of,
     evaluate_arms,
+    evaluate_regression,
     load_base_for_eval,
     load_finetuned_for_eval,
     test_items,
 )
-from tunewise.evaluate.verdict import decide_verdict, length_drift_flag, overfitting_flag
+from tunewise.evaluate.verdict import (
+    decide_verdict,
+    forgetting_flag,
+    length_drift_flag,
+    overfitting_flag,
+    refusal_flag,
+)
 from tunewise.models import load_tokenizer, resolve_base
 from tunewise.report.html import write_report
 from tunewise.runs import (
     RunDir,
     atomic_write_json,
+    atomic_write_jsonl,
     atomic_write_text,
     new_run_dir,
     open_run_dir,
@@ -39,9 +49,6 @@ from tunewise.runs import (
     read_jsonl,
 )
 from tunewise.train.sft import train_sft
-
-ARMS = (*BASELINE_ARMS, FINETUNED)
-
 
 def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, Config]:
     """Validate config, model and data, then create the run folder with config and data splits."""
@@ -94,11 +101,23 @@ def stage_decide(run: RunDir, config: Config, console: Console) -> None:
     atomic_write_json(run.decision, decision)
 
 
+def all_arms(config: Config) -> list[str]:
+    return [*BASELINE_ARMS, *(e.name for e in config.eval.endpoints), FINETUNED]
+
+
+def counted_baselines(config: Config) -> list[str]:
+    """The arms the fine-tune must beat: built-in baselines and endpoints not marked `baseline: false`."""
+    return [*BASELINE_ARMS, *(e.name for e in config.eval.endpoints if e.baseline)]
+
+
 def stage_baseline(run: RunDir, config: Config, console: Console) -> None:
-    todo = [arm for arm in BASELINE_ARMS if not run.metrics(arm).exists()]
-    model, tokenizer = load_base_for_eval(config)
-    console.print(f"[bold]baseline[/] {', '.join(todo)} on {len(test_items(run, config))} test items")
-    evaluate_arms(run, config, todo, model, tokenizer, console)
+    """Every baseline arm on the test items (outputs already cached are not generated again),
+    plus the base model on the general regression set for the forgetting check."""
+    console.print(f"[bold]baseline[/] {', '.join(all_arms(config)[:-1])} on {len(test_items(run, config))} test items")
+    gen = load_base_for_eval(config)
+    evaluate_arms(run, config, {arm: gen for arm in BASELINE_ARMS} | endpoint_arms(config), console)
+    if config.eval.forgetting:
+        evaluate_regression(run, config, "base", gen, console)
 
 
 def stage_train(run: RunDir, config: Config, console: Console) -> None:
@@ -110,53 +129,134 @@ def stage_train(run: RunDir, config: Config, console: Console) -> None:
 
 
 def stage_evaluate(run: RunDir, config: Config, console: Console) -> None:
-    model, tokenizer = load_finetuned_for_eval(run, config)
+    gen = load_finetuned_for_eval(run, config)
     console.print("[bold]evaluate[/] fine-tuned model on the same test items")
-    evaluate_arms(run, config, [FINETUNED], model, tokenizer, console)
+    evaluate_arms(run, config, {FINETUNED: gen}, console)
+    if config.eval.forgetting:
+        evaluate_regression(run, config, "finetuned", gen, console)
+
+
+def best_baseline(run: RunDir, config: Config) -> str:
+    """The counted baseline arm with the highest mean on the primary metric."""
+    counted = counted_baselines(config)
+    metrics = {arm: read_json(run.metrics(arm)) for arm in counted}
+    return max(counted, key=lambda a: metrics[a]["metrics"][metrics[a]["primary"]]["mean"])
+
+
+def stage_judge(run: RunDir, config: Config, console: Console) -> None:
+    """LLM-as-judge on the first `max_items` test items: every arm against the rubric, and the
+    fine-tune against the best baseline in both orders."""
+    from tunewise.evaluate import judge
+
+    cfg = config.eval.judge
+    if cfg is None:
+        return
+    endpoint = endpoint_of(cfg, "eval.judge")
+    arms = all_arms(config)
+    predictions = {arm: read_jsonl(run.predictions(arm)) for arm in arms}
+    first = predictions[FINETUNED][: cfg.max_items]
+    items = [
+        judge.JudgeItem(source=row["source"], prompt=row["prompt"], reference=row["reference"],
+                        outputs={arm: predictions[arm][i]["output"] for arm in arms})
+        for i, row in enumerate(first)
+    ]
+    ev = config.eval
+    stats = dict(samples=ev.bootstrap_samples, alpha=ev.alpha, seed=config.data.seed)
+    console.print(f"[bold]judge[/] {cfg.model} at {cfg.url}: {len(items)} items x {len(arms)} arms")
+    point = judge.pointwise(endpoint, items, arms, cfg.rubric, console=console)
+    summary: dict = {"judge": {"url": cfg.url, "model": cfg.model}, "rubric": cfg.rubric, "n_items": len(items),
+                     "pointwise": judge.summarize_pointwise(point, arms, cfg.rubric, **stats)}
+    atomic_write_jsonl(run.judge / "pointwise.jsonl", point)
+    if cfg.pairwise:
+        best = best_baseline(run, config)
+        pairs = judge.pairwise(endpoint, items, FINETUNED, best, console=console)
+        atomic_write_jsonl(run.judge / "pairwise.jsonl", pairs)
+        summary["pairwise"] = judge.summarize_pairwise(pairs, FINETUNED, best, **stats)
+        pw = summary["pairwise"]
+        if pw["win_rate_a"]["mean"] is not None:
+            win = pw["win_rate_a"]
+            console.print(f"  fine-tune vs {best}: win rate {win['mean']:.3f} [{win['low']:.3f}, {win['high']:.3f}] "
+                          f"over {pw['consistent']} order-consistent items, "
+                          f"position-inconsistent {pw['position_inconsistency_rate']:.1%}")
+        else:
+            console.print(f"  fine-tune vs {best}: no order-consistent verdict; the judge is not usable for this task")
+    summary["provenance"] = run.provenance(config.data.seed)
+    atomic_write_json(run.judge / "summary.json", summary)
+
+
+def red_flags(run: RunDir, config: Config) -> list[dict]:
+    """Every red flag found, each marked blocking when eval.block_on names it."""
+    ev = config.eval
+    finetuned = read_jsonl(run.predictions(FINETUNED))
+    base = read_jsonl(run.predictions("zero_shot"))
+    found = {
+        "overfitting": overfitting_flag(read_jsonl(run.train_log)) if run.train_log.exists() else None,
+        "length_drift": length_drift_flag([r["output"] for r in finetuned], [r["reference"] for r in finetuned],
+                                          [r["output"] for r in base], ev.max_length_ratio),
+        "refusal": refusal_flag([r["scores"]["refusal"] for r in finetuned], [r["scores"]["refusal"] for r in base],
+                                ev.max_refusal_increase),
+    }
+    if ev.forgetting:
+        found["forgetting"] = forgetting_flag(
+            [r["passed"] for r in read_jsonl(run.regression_predictions("base"))],
+            [r["passed"] for r in read_jsonl(run.regression_predictions("finetuned"))],
+            ev.max_forgetting_drop,
+        )
+    return [{"name": name, "message": message, "blocking": name in ev.block_on}
+            for name, message in found.items() if message]
 
 
 def stage_verdict(run: RunDir, config: Config, console: Console) -> None:
-    scores = {arm: arm_scores(run, arm) for arm in ARMS}
+    arms = all_arms(config)
+    scores = {arm: arm_scores(run, arm) for arm in arms}
     primary = read_json(run.metrics(FINETUNED))["primary"]
-    finetuned_rows = read_jsonl(run.predictions(FINETUNED))
-    flags = [
-        flag
-        for flag in (
-            overfitting_flag(read_jsonl(run.train_log)),
-            length_drift_flag([r["output"] for r in finetuned_rows], [r["reference"] for r in finetuned_rows]),
-        )
-        if flag
-    ]
     ev = config.eval
     verdict = decide_verdict(
         scores, primary=primary, margin=ev.margin, alpha=ev.alpha, samples=ev.bootstrap_samples,
-        seed=config.data.seed, red_flags=flags,
+        seed=config.data.seed, red_flags=red_flags(run, config), baselines=counted_baselines(config),
     )
+    if ev.forgetting:
+        verdict["regression"] = {who: read_json(run.regression_metrics(who))["accuracy"] for who in ("base", "finetuned")}
+    if (run.judge / "summary.json").exists():
+        verdict["judge"] = {k: v for k, v in read_json(run.judge / "summary.json").items() if k != "provenance"}
     verdict["provenance"] = run.provenance(config.data.seed)
     atomic_write_json(run.verdict, verdict)
 
 
 def stage_report(run: RunDir, config: Config, console: Console) -> None:
-    write_report(run, list(ARMS), config.eval.report_samples)
+    write_report(run, all_arms(config), config.eval.report_samples)
+
+
+def _baseline_done(run: RunDir, config: Config) -> bool:
+    arms = counted_baselines(config) + [e.name for e in config.eval.endpoints if not e.baseline]
+    regression = not config.eval.forgetting or run.regression_metrics("base").exists()
+    return all(run.metrics(a).exists() for a in arms) and regression
+
+
+def _evaluate_done(run: RunDir, config: Config) -> bool:
+    regression = not config.eval.forgetting or run.regression_metrics("finetuned").exists()
+    return run.metrics(FINETUNED).exists() and regression
 
 
 Stage = Callable[[RunDir, Config, Console], None]
-STAGES: dict[str, tuple[Stage, Callable[[RunDir], bool]]] = {
-    "decide": (stage_decide, lambda r: r.decision.exists()),
-    "baseline": (stage_baseline, lambda r: all(r.metrics(a).exists() for a in BASELINE_ARMS)),
-    "train": (stage_train, lambda r: (r.adapter / "tunewise.json").exists() and r.train_summary.exists()),
-    "evaluate": (stage_evaluate, lambda r: r.metrics(FINETUNED).exists()),
-    "verdict": (stage_verdict, lambda r: r.verdict.exists()),
-    "report": (stage_report, lambda r: r.report.exists()),
+STAGES: dict[str, tuple[Stage, Callable[[RunDir, Config], bool]]] = {
+    "decide": (stage_decide, lambda r, c: r.decision.exists()),
+    "baseline": (stage_baseline, _baseline_done),
+    "train": (stage_train, lambda r, c: (r.adapter / "tunewise.json").exists() and r.train_summary.exists()),
+    "evaluate": (stage_evaluate, _evaluate_done),
+    "judge": (stage_judge, lambda r, c: c.eval.judge is None or (r.judge / "summary.json").exists()),
+    "verdict": (stage_verdict, lambda r, c: r.verdict.exists()),
+    "report": (stage_report, lambda r, c: r.report.exists()),
 }
+EVALUATION_STAGES = ["baseline", "evaluate", "judge", "verdict", "report"]
 
 
-def run_stages(run: RunDir, config: Config, console: Console, only: str | None = None) -> dict:
-    """Run every stage not yet done (or just `only`); returns the verdict."""
+def run_stages(run: RunDir, config: Config, console: Console, stages: list[str] | None = None) -> dict:
+    """Run every stage not yet done (or exactly `stages`, done or not); returns the verdict."""
     timings = read_json(run.status).get("timings", {}) if run.status.exists() else {}
     run.set_status("running", timings=timings)
     for name, (stage, done) in STAGES.items():
-        if (only and name != only) or (not only and done(run)):
+        if (stages is not None and name not in stages) or (stages is None and done(run, config)):
             continue
         started = time.perf_counter()
         try:
@@ -187,10 +287,34 @@ def resume_pipeline(run_dir: str | Path, console: Console, only: str | None = No
     if only:
         if only not in STAGES:
             raise TunewiseError(f"unknown stage '{only}'", fix=f"one of: {', '.join(STAGES)}")
-        missing = [name for name in list(STAGES)[: list(STAGES).index(only)] if not STAGES[name][1](run)]
-        if missing:
-            raise TunewiseError(
-                f"stage '{only}' needs the output of {', '.join(missing)} first",
-                file=run.root, fix=f"tunewise run --resume {run.root}",
-            )
-    return run, run_stages(run, config, console, only=only)
+        _require_done(run, config, list(STAGES)[: list(STAGES).index(only)], f"stage '{only}'")
+    return run, run_stages(run, config, console, stages=[only] if only else None)
+
+
+def _require_done(run: RunDir, config: Config, names: list[str], what: str) -> None:
+    missing = [name for name in names if not STAGES[name][1](run, config)]
+    if missing:
+        raise TunewiseError(
+            f"{what} needs the output of {', '.join(missing)} first",
+            file=run.root, fix=f"tunewise run --resume {run.root}",
+        )
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str], console: Console) -> tuple[RunDir, dict]:
+    """`tunewise eval RUN`: every arm, metric, judge, red flag, verdict and report again for a
+    trained run, with `--set eval.*` changes (new endpoints, a judge, another metric). Outputs
+    whose model, prompt and settings are unchanged come from the generation cache."""
+    run = open_run_dir(run_dir)
+    other = [o for o in overrides if not o.strip().startswith("eval.")]
+    if other:
+        raise TunewiseError(
+            f"`tunewise eval` changes only eval.* keys, not '{other[0]}'",
+            fix="data, model and training changes need a new run: tunewise run -c tunewise.yaml --set ...",
+        )
+    config = load_config(run.config, overrides)
+    _require_done(run, config, ["train"], "evaluation")
+    if not run.manifest.exists():
+        raise TunewiseError("the run has no data split", file=run.manifest, fix="start a new run with `tunewise run`")
+    if overrides:
+        atomic_write_text(run.config, dump_config(config))
+    return run, run_stages(run, config, console, stages=EVALUATION_STAGES)

@@ -125,6 +125,18 @@ class RunDir:
     def metrics(self, arm: str) -> Path:
         return self.root / "metrics" / f"{arm}.json"
 
+    def regression_predictions(self, who: str) -> Path:
+        """Outputs of the base or fine-tuned model on the general regression set (forgetting)."""
+        return self.root / "predictions" / f"regression_{who}.jsonl"
+
+    def regression_metrics(self, who: str) -> Path:
+        return self.root / "metrics" / f"regression_{who}.json"
+
+    @property
+    def judge(self) -> Path:
+        """pointwise.jsonl, pairwise.jsonl and summary.json of the LLM judge."""
+        return self.root / "judge"
+
     @property
     def index(self) -> Path:
         """The retrieval index of the train split (retrieved few-shot arm)."""

@@ -129,3 +129,30 @@ def test_data_prepare_writes_splits_manifest_and_report(tmp_path, monkeypatch, c
         assert (out / name).exists(), name
     code, output = run_cli(monkeypatch, capsys, "data", "prepare", str(path), "-o", str(out), "--split", "group")
     assert code == 2 and "--group-key" in output
+
+
+def test_eval_of_a_folder_that_is_not_a_trained_run(tmp_path, monkeypatch, capsys, make_project):
+    code, output = run_cli(monkeypatch, capsys, "eval", str(tmp_path))
+    assert code == 2 and "not a tunewise run folder" in output
+    from rich.console import Console
+
+    from tunewise.pipeline import start_run
+
+    run, _ = start_run(make_project(), [], tmp_path / "runs", Console(quiet=True))
+    code, output = run_cli(monkeypatch, capsys, "eval", str(run.root))
+    assert code == 2 and "needs the output of train first" in output and "Traceback" not in output
+
+
+def test_missing_api_key_variable_is_named(monkeypatch):
+    from tunewise.config import EndpointConfig
+    from tunewise.errors import TunewiseError
+    from tunewise.evaluate.runner import endpoint_of
+
+    monkeypatch.delenv("TW_TEST_KEY", raising=False)
+    cfg = EndpointConfig(name="api", url="http://127.0.0.1:9/v1/", model="m", api_key_env="TW_TEST_KEY")
+    with pytest.raises(TunewiseError) as err:
+        endpoint_of(cfg, "eval.endpoints[api]")
+    assert "TW_TEST_KEY is not set" in str(err.value) and "eval.endpoints[api].api_key_env" in str(err.value)
+    monkeypatch.setenv("TW_TEST_KEY", "sk-1")
+    endpoint = endpoint_of(cfg, "eval.endpoints[api]")
+    assert endpoint.api_key == "sk-1" and endpoint.url == "http://127.0.0.1:9/v1" and "sk-1" not in repr(endpoint)

@@ -84,3 +84,16 @@ def test_every_field_has_a_description():
                 walk(ann)
 
     walk(Config)
+
+
+def test_endpoint_arms_need_free_names_and_red_flags_are_known(tmp_path):
+    head = "data:\n  path: d.jsonl\neval:\n"
+    ok = load_config(write(tmp_path, head + "  endpoints:\n    - {name: gpt, url: 'http://x/v1', model: m}\n"))
+    assert ok.eval.endpoints[0].baseline is True and ok.eval.block_on == ["length_drift", "refusal", "forgetting"]
+    with pytest.raises(TunewiseError, match="name 'few_shot' is taken"):
+        load_config(write(tmp_path, head + "  endpoints:\n    - {name: few_shot, url: 'http://x/v1', model: m}\n"))
+    with pytest.raises(TunewiseError) as err:
+        load_config(write(tmp_path, head + "  block_on: [overfiting]\n"))
+    assert "eval.block_on" in str(err.value) and "overfitting" in str(err.value)
+    with pytest.raises(TunewiseError, match="eval.judge.url"):
+        load_config(write(tmp_path, head + "  judge: {model: m}\n"))

@@ -5,7 +5,15 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from tunewise.data.outputs import detect_output_type, parse_json
 from tunewise.evaluate.metrics import infer_schema, macro_f1, score_items, score_json, score_label, score_text
 from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic, mcnemar_exact, paired_bootstrap
-from tunewise.evaluate.verdict import NO_SHIP, SHIP, decide_verdict, overfitting_flag
+from tunewise.evaluate.verdict import (
+    NO_SHIP,
+    SHIP,
+    decide_verdict,
+    forgetting_flag,
+    length_drift_flag,
+    overfitting_flag,
+    refusal_flag,
+)
 
 
 def test_json_scores():
@@ -70,6 +78,46 @@ def test_verdict_ships_only_a_significant_gain_over_the_margin():
     assert slight["decision"] == NO_SHIP and "not significant" in slight["reason"]
     big_margin = decide_verdict({"few_shot": base, "finetuned": better}, **{**kw, "margin": 0.5})
     assert big_margin["decision"] == NO_SHIP and "below the required margin" in big_margin["reason"]
+    # every arm gets its own paired comparison; the best one decides
+    assert set(shipped["comparisons"]) == {"zero_shot", "few_shot"}
+    assert shipped["comparisons"]["zero_shot"]["difference"]["mean"] == pytest.approx(0.8)
+
+
+def test_blocking_red_flag_turns_ship_into_no_ship_and_others_only_show():
+    base = _scores([1] * 40 + [0] * 60)
+    better = _scores([1] * 80 + [0] * 20)
+    kw = dict(primary="json_exact", margin=0.02, alpha=0.05, samples=500, seed=0)
+    flag = {"name": "forgetting", "message": "forgetting: ...", "blocking": True}
+    blocked = decide_verdict({"few_shot": base, "finetuned": better}, red_flags=[flag], **kw)
+    assert blocked["decision"] == NO_SHIP and "blocked by red flags: forgetting" in blocked["reason"]
+    shown = decide_verdict({"few_shot": base, "finetuned": better}, red_flags=[{**flag, "blocking": False}], **kw)
+    assert shown["decision"] == SHIP and shown["red_flags"][0]["blocking"] is False
+
+
+def test_reference_arms_are_compared_but_not_counted_as_baselines():
+    strong = _scores([1] * 95 + [0] * 5)
+    better = _scores([1] * 80 + [0] * 20)
+    kw = dict(primary="json_exact", margin=0.02, alpha=0.05, samples=500, seed=0, red_flags=[])
+    scores = {"few_shot": _scores([1] * 40 + [0] * 60), "gpt": strong, "finetuned": better}
+    counted = decide_verdict(scores, **kw)
+    assert counted["best_baseline"] == "gpt" and counted["decision"] == NO_SHIP
+    reference = decide_verdict(scores, baselines=["few_shot"], **kw)
+    assert reference["best_baseline"] == "few_shot" and reference["decision"] == SHIP
+    assert reference["comparisons"]["gpt"]["difference"]["mean"] == pytest.approx(-0.15)
+
+
+def test_length_refusal_and_forgetting_flags():
+    refs = ["abcd"] * 10
+    assert length_drift_flag(["abcd"] * 10, refs, ["a" * 40] * 10, 2.0) is None
+    long = length_drift_flag(["a" * 12] * 10, refs, ["a" * 40] * 10, 2.0)
+    assert "3.00x the references" in long and "base model's zero-shot outputs are 10.00x" in long
+    assert "0.25x" in length_drift_flag(["a"] * 10, refs, [], 2.0)
+    assert refusal_flag([0.0] * 20, [0.0] * 20, 0.05) is None
+    more = refusal_flag([1.0] * 5 + [0.0] * 15, [0.0] * 20, 0.05)
+    assert "25.0%" in more and "base model 0.0%" in more
+    assert forgetting_flag([1.0] * 30 + [0.0] * 30, [1.0] * 28 + [0.0] * 32, 0.1) is None
+    dropped = forgetting_flag([1.0] * 30 + [0.0] * 30, [1.0] * 18 + [0.0] * 42, 0.1)
+    assert "from 0.500 (base) to 0.300" in dropped and "12 items lost" in dropped
 
 
 def test_overfitting_flag():
@@ -123,3 +171,21 @@ def test_macro_f1_by_hand_and_its_bootstrap():
                                   alpha=0.05, seed=0)
     assert stat_ci.mean == mean_ci.mean == 0.6
     assert stat_ci.low == pytest.approx(mean_ci.low, abs=0.03) and stat_ci.high == pytest.approx(mean_ci.high, abs=0.03)
+
+
+def test_confusion_matrices_match_scikit_learn():
+    from sklearn.metrics import confusion_matrix
+
+    from tunewise.evaluate.runner import confusions
+
+    refs = ['{"section": "net", "arch": "all"}', '{"section": "games", "arch": "any"}', '{"section": "net", "arch": "any"}']
+    outs = ['{"section": "net", "arch": "all"}', '{"section": "net"}', "not json"]
+    matrices = confusions("json", outs, refs)
+    section = matrices["section"]
+    assert section["labels"] == ["games", "net"] and section["columns"] == ["games", "net", "(other)"]
+    expected = confusion_matrix(["net", "games", "net"], ["net", "net", "(other)"], labels=["games", "net", "(other)"])
+    assert section["matrix"] == expected[:2].tolist()
+    assert set(matrices) == {"section", "arch"}
+    labels = confusions("label", ["Yes", "no.", "maybe"], ["yes", "no", "no"])["label"]
+    assert labels["matrix"] == [[1, 0, 1], [0, 1, 0]] and labels["columns"] == ["no", "yes", "(other)"]
+    assert confusions("text", ["a"], ["b"]) == {}

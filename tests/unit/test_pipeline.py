@@ -114,3 +114,97 @@ def test_interrupted_run_is_marked_and_resumes(tmp_path, make_project, monkeypat
     monkeypatch.setitem(pipeline.STAGES, "train", real)
     _, verdict = resume_pipeline(run.root, Console(quiet=True))
     assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and read_json(run.status)["state"] == "complete"
+
+
+def _fake_api(body: dict) -> str:
+    """An OpenAI-compatible model that answers the task and judges: answers '{"section": "net"}';
+    as a judge, prefers the answer equal to the reference, else says tie."""
+    import re
+
+    system = body["messages"][0]["content"]
+    if "impartial judge" not in system:
+        return '{"section": "net"}'
+    user = body["messages"][1]["content"]
+    blocks = dict(re.findall(r'<(\w+) id="[0-9a-f]+">\n?(.*?)\n?</\1 id="[0-9a-f]+">', user, re.S))
+    if "answer_1" in blocks:
+        winner = ("1" if blocks["answer_1"] == blocks["reference"] else
+                  "2" if blocks["answer_2"] == blocks["reference"] else "tie")
+        return json.dumps({"winner": winner, "reason": f"answer {winner} matches the reference"})
+    score = 5 if blocks["answer"] == blocks["reference"] else 2
+    return json.dumps({"correctness": {"score": score, "reason": "compared with the reference"},
+                       "format": {"score": 4, "reason": "JSON"}})
+
+
+def test_eval_adds_an_endpoint_arm_and_a_judge_and_reuses_cached_outputs(finished_run, monkeypatch):
+    from tests.openai_server import serve
+    from tunewise import pipeline
+    from tunewise.errors import TunewiseError
+
+    run, verdict, _ = finished_run
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached output was generated again")
+
+    monkeypatch.setattr("tunewise.evaluate.runner.generate", no_generation)
+    monkeypatch.setenv("TEST_API_KEY", "sk-test")
+    with pytest.raises(TunewiseError, match="only eval"):
+        pipeline.evaluate_run(run.root, ["data.seed=3"], Console(quiet=True))
+    with serve(_fake_api, api_key="sk-test") as url:
+        sets = [
+            f"eval.endpoints=[{{name: api, url: '{url}', model: m, api_key_env: TEST_API_KEY, baseline: false}}]",
+            f"eval.judge={{url: '{url}', model: judge, api_key_env: TEST_API_KEY, max_items: 5}}",
+        ]
+        _, again = pipeline.evaluate_run(run.root, sets, Console(quiet=True))
+    api = [json.loads(line) for line in run.predictions("api").read_text().splitlines()]
+    assert [r["output"] for r in api] == ['{"section": "net"}'] * 8
+    assert read_json(run.metrics("api"))["metrics"]["json_valid"]["mean"] == 1.0
+    # a reference arm: compared, not a baseline to beat
+    assert "api" in again["comparisons"] and "api" not in again["baselines"]
+    assert again["means"]["finetuned"] == verdict["means"]["finetuned"]  # same outputs, from the cache
+    summary = read_json(run.judge / "summary.json")
+    assert set(summary["pointwise"]) >= {"zero_shot", "few_shot", "retrieved_few_shot", "api", "finetuned"}
+    assert summary["pairwise"]["arm_a"] == "finetuned" and summary["pairwise"]["n"] == 5
+    # the fake judge is order-consistent: no verdict flips with the order
+    assert summary["pairwise"]["position_inconsistency_rate"] == 0.0
+    point = [json.loads(line) for line in (run.judge / "pointwise.jsonl").read_text().splitlines()]
+    api_rows = [r for r in point if r["arm"] == "api"]
+    references = [r["reference"] for r in api[:5]]
+    assert [r["scores"]["correctness"] for r in api_rows] == [5 if ref == '{"section": "net"}' else 2 for ref in references]
+    assert "api" in load_config_text(run) and "sk-test" not in load_config_text(run)
+    html = run.report.read_text()
+    assert "LLM judge" in html and "position inconsistency" in html and 'id="filter"' in html
+
+
+def load_config_text(run) -> str:
+    return run.config.read_text()
+
+
+@pytest.mark.browser
+def test_report_filter_works_in_a_real_browser(finished_run, tmp_path):
+    """Headless Chromium runs the report's script: each filter shows exactly the matching items."""
+    import re
+    import shutil
+    import subprocess
+
+    run, _, _ = finished_run
+    verdict = read_json(run.verdict)  # the current one: an earlier test may have added an arm with `tunewise eval`
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert chromium, "no Chromium: `make browser` installs it"
+    arms = list(verdict["means"])
+    rows = {arm: [json.loads(line) for line in run.predictions(arm).read_text().splitlines()] for arm in arms}
+    primary = verdict["primary_metric"]
+    expected = {
+        "all": len(rows["finetuned"]),
+        "disagree_score": sum(len({rows[a][i]["scores"][primary] >= 1 for a in arms}) > 1
+                              for i in range(len(rows["finetuned"]))),
+    }
+    for key, count in expected.items():
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path}",
+             "--dump-dom", f"file://{run.report}#filter={key}"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout
+        body = dom.split('id="items"', 1)[1].split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+        shown = [r for r in re.findall(r"<tr[^>]*>", body) if "display: none" not in r]
+        assert len(shown) == count, key
+        assert f"{count} of {expected['all']} items" in dom

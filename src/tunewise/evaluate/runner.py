@@ -1,19 +1,101 @@
-"""The baseline and evaluate stages: generate each arm on the test split, score, write files."""
+"""The baseline and evaluate stages: generate each arm on the test split, score, write files.
+
+An arm's outputs come from a generator: the local model (base or base+adapter, batched greedy
+generation) or an OpenAI-compatible endpoint. Either way outputs go through the generation
+cache, keyed by model fingerprint + rendered prompt + settings.
+"""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from tunewise.config import Config
+from tunewise.config import Config, EndpointConfig
 from tunewise.data import Example, load_split
-from tunewise.evaluate.arms import build_prompts, pick_shots
-from tunewise.evaluate.retrieval import retrieve_shots
+from tunewise.data.outputs import normalize_label, parse_json
+from tunewise.data.records import Message
+from tunewise.errors import TunewiseError
+from tunewise.evaluate import forgetting
+from tunewise.evaluate.arms import FINETUNED, build_prompts, pick_shots
+from tunewise.evaluate.cache import GenerationCache, cached_generate, default_path, model_fingerprint
+from tunewise.evaluate.endpoint import Endpoint, chat_many
 from tunewise.evaluate.generate import generate
 from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
+from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
 from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+
+GENERATION_VERSION = 1  # bump when generation changes in a way that changes outputs
+MAX_CONFUSION_LABELS = 20
+
+
+@dataclass
+class LocalGenerator:
+    """The base model, or base + adapter merged: batched greedy generation with the KV cache."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: str
+    batch_size: int
+
+    def render(self, prompt: list[Message]) -> str:
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def settings(self, max_new_tokens: int) -> dict:
+        dtype = str(next(self.model.parameters()).dtype)
+        return {"engine": "tunewise", "version": GENERATION_VERSION, "decoding": "greedy",
+                "max_new_tokens": max_new_tokens, "dtype": dtype}
+
+    def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str) -> list[str]:
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        batch_size=self.batch_size, console=console, label=label)
+
+
+@dataclass
+class RemoteGenerator:
+    """An OpenAI-compatible endpoint, temperature 0."""
+
+    endpoint: Endpoint
+
+    @property
+    def fingerprint(self) -> str:
+        return self.endpoint.fingerprint()
+
+    def render(self, prompt: list[Message]) -> str:
+        return json.dumps(prompt, ensure_ascii=False)
+
+    def settings(self, max_new_tokens: int) -> dict:
+        return {"engine": "openai-compatible", "temperature": 0.0, "max_tokens": max_new_tokens}
+
+    def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str) -> list[str]:
+        return chat_many(self.endpoint, prompts, max_tokens=max_new_tokens, console=console, label=label)
+
+
+Generator = LocalGenerator | RemoteGenerator
+
+
+def open_cache(config: Config) -> GenerationCache:
+    return GenerationCache(default_path() if config.eval.cache else None)
+
+
+def generate_cached(
+    gen: Generator, cache: GenerationCache, prompts: list[list[Message]], max_new_tokens: int, console: Console,
+    label: str,
+) -> list[str]:
+    """Outputs of `gen` for `prompts`; only prompts not in the cache are generated."""
+    texts = [gen.render(p) for p in prompts]
+    outputs, hits = cached_generate(
+        cache, gen.fingerprint, gen.settings(max_new_tokens), texts,
+        lambda idx: gen.complete([prompts[i] for i in idx], max_new_tokens, console, label),
+    )
+    if hits:
+        console.print(f"  {label}: {hits} of {len(prompts)} outputs from the cache")
+    return outputs
 
 
 def output_type(run: RunDir) -> str:
@@ -35,6 +117,51 @@ def test_items(run: RunDir, config: Config) -> list[Example]:
     return test[: config.eval.max_test] if config.eval.max_test else test
 
 
+def primary_metric(config: Config, kind: str, available: list[str], where: Path | None = None) -> str:
+    """The verdict's metric: the config's choice if it exists for this output type, else the type's default."""
+    chosen = config.eval.primary_metric or PRIMARY[kind]
+    if chosen not in available:
+        raise TunewiseError(
+            f"metric '{chosen}' is not computed for {kind} outputs", file=where, field="eval.primary_metric",
+            fix=f"one of: {', '.join(m for m in available if not m.startswith('field:'))}",
+        )
+    return chosen
+
+
+def confusion(predicted: list[str], actual: list[str]) -> dict | None:
+    """Counts of (reference label, predicted label); predictions outside the labels are '(other)'."""
+    from sklearn.metrics import confusion_matrix
+
+    labels = sorted(set(actual))
+    if not 2 <= len(labels) <= MAX_CONFUSION_LABELS:
+        return None
+    known = set(labels)
+    pred = [p if p in known else "(other)" for p in predicted]
+    columns = labels + (["(other)"] if "(other)" in pred else [])
+    matrix = confusion_matrix(actual, pred, labels=columns)[: len(labels)]
+    return {"labels": labels, "columns": columns, "matrix": matrix.tolist()}
+
+
+def confusions(kind: str, outputs: list[str], references: list[str]) -> dict[str, dict]:
+    """Labels: one matrix. JSON: one per field whose reference values are a few strings."""
+    if kind == "label":
+        matrix = confusion([normalize_label(o) for o in outputs], [normalize_label(r) for r in references])
+        return {"label": matrix} if matrix else {}
+    if kind != "json":
+        return {}
+    refs = [parse_json(r) if isinstance(parse_json(r), dict) else {} for r in references]
+    preds = [parse_json(o) if isinstance(parse_json(o), dict) else {} for o in outputs]
+    out = {}
+    for key in dict.fromkeys(k for r in refs for k in r):
+        values = [r.get(key) for r in refs]
+        if not all(isinstance(v, str) for v in values):
+            continue
+        matrix = confusion([str(p.get(key, "(missing)")) for p in preds], values)
+        if matrix:
+            out[key] = matrix
+    return out
+
+
 def arm_metrics(
     scores: list[dict[str, float]], outputs: list[str], references: list[str], *, kind: str, samples: int,
     alpha: float, seed: int,
@@ -49,11 +176,32 @@ def arm_metrics(
             lambda idx: macro_f1([outputs[i] for i in idx], [references[i] for i in idx]),
             len(outputs), samples=min(samples, 500), alpha=alpha, seed=seed,
         ).to_dict()
-    return {"output_type": kind, "primary": PRIMARY[kind], "n": len(scores), "metrics": metrics}
+    return {"output_type": kind, "n": len(scores), "metrics": metrics,
+            "confusion": confusions(kind, outputs, references)}
 
 
-def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer, console: Console) -> None:
-    """Generate, score and write predictions/<arm>.jsonl and metrics/<arm>.json for each arm."""
+def endpoint_of(cfg: EndpointConfig | object, where: str) -> Endpoint:
+    """An Endpoint from an endpoint or judge config; the API key is read from its environment variable."""
+    import os
+
+    key = None
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise TunewiseError(
+                f"environment variable {cfg.api_key_env} is not set", field=f"{where}.api_key_env",
+                fix=f"export {cfg.api_key_env}=<your key>, or remove api_key_env for a server without keys",
+            )
+    return Endpoint(url=cfg.url.rstrip("/"), model=cfg.model, api_key=key, timeout=cfg.timeout,
+                    concurrency=cfg.concurrency)
+
+
+def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], console: Console) -> None:
+    """Generate, score and write predictions/<arm>.jsonl and metrics/<arm>.json for each arm.
+
+    Built-in arms build their prompts from the test item (and shots); endpoint arms get the
+    zero-shot prompt, as a user of that model would send it."""
+    tokenizer = load_tokenizer(resolve_base(config.model.base))
     train = load_split(run.split("train"))
     test = test_items(run, config)
     kind = output_type(run)
@@ -63,15 +211,13 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
     if kind == "json":
         schema = config.eval.json_schema or infer_schema([e.target for e in train])
     references = [e.target for e in test]
-    for arm in arms:
+    cache = open_cache(config)
+    for arm, gen in arms.items():
         shots = [fixed] * len(test)
         if arm == "retrieved_few_shot":
             shots = retrieve_shots(train, test, config.eval.few_shot_k, run.index)
         prompts = build_prompts(arm, test, config.task.system_prompt, shots)
-        outputs = generate(
-            model, tokenizer, prompts, max_new_tokens=budget, batch_size=config.eval.batch_size,
-            console=console, label=arm,
-        )
+        outputs = generate_cached(gen, cache, prompts, budget, console, arm)
         scores = score_items(kind, outputs, references, schema=schema)
         rows = [
             {"source": e.source, "prompt": e.prompt_messages[-1]["content"], "reference": r, "output": o, "scores": s}
@@ -82,26 +228,57 @@ def evaluate_arms(run: RunDir, config: Config, arms: list[str], model, tokenizer
         ev = config.eval
         metrics = arm_metrics(scores, outputs, references, kind=kind, samples=ev.bootstrap_samples, alpha=ev.alpha,
                               seed=config.data.seed)
-        metrics.update(arm=arm, shots=[s.source for s in fixed] if arm == "few_shot" else [], json_schema=schema,
+        primary = primary_metric(config, kind, list(metrics["metrics"]), run.config)
+        metrics.update(arm=arm, primary=primary, model=gen.fingerprint,
+                       shots=[s.source for s in fixed] if arm == "few_shot" else [], json_schema=schema,
                        max_new_tokens=budget, provenance=run.provenance(config.data.seed))
         atomic_write_json(run.metrics(arm), metrics)
-        primary = metrics["metrics"][metrics["primary"]]
-        console.print(f"  {arm}: {metrics['primary']} = {primary['mean']:.3f} [{primary['low']:.3f}, {primary['high']:.3f}]")
+        value = metrics["metrics"][primary]
+        console.print(f"  {arm}: {primary} = {value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
 
 
-def load_base_for_eval(config: Config):
+def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerator, console: Console) -> dict:
+    """Score base or fine-tune on tunewise's general regression set (the forgetting check)."""
+    items = forgetting.load_regression_set()
+    outputs = generate_cached(gen, open_cache(config), forgetting.prompts(items), forgetting.MAX_NEW_TOKENS,
+                              console, f"regression set ({who})")
+    scores = forgetting.score(items, outputs)
+    atomic_write_jsonl(run.regression_predictions(who), [
+        {"id": it.id, "category": it.category, "prompt": it.prompt, "output": o, "passed": s}
+        for it, o, s in zip(items, outputs, scores)
+    ])
+    interval = bootstrap_ci(scores, samples=config.eval.bootstrap_samples, alpha=config.eval.alpha,
+                            seed=config.data.seed)
+    by_category: dict[str, list[float]] = {}
+    for it, s in zip(items, scores):
+        by_category.setdefault(it.category, []).append(s)
+    metrics = {"who": who, "n": len(items), "accuracy": interval.to_dict(),
+               "by_category": {c: sum(v) / len(v) for c, v in by_category.items()},
+               "model": gen.fingerprint, "provenance": run.provenance(config.data.seed)}
+    atomic_write_json(run.regression_metrics(who), metrics)
+    console.print(f"  regression set ({who}): accuracy {interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]")
+    return metrics
+
+
+def load_base_for_eval(config: Config) -> LocalGenerator:
     path = resolve_base(config.model.base)
     model = load_model(path, dtype=compute_dtype())
-    return model.to("cuda") if torch.cuda.is_available() else model, load_tokenizer(path)
+    model = model.to("cuda") if torch.cuda.is_available() else model
+    return LocalGenerator(model, load_tokenizer(path), model_fingerprint(path), config.eval.batch_size)
 
 
-def load_finetuned_for_eval(run: RunDir, config: Config):
+def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
     """Base + the run's adapter, merged for generation speed (same weights as base+adapter)."""
     from peft import PeftModel
 
-    model, tokenizer = load_base_for_eval(config)
-    model = PeftModel.from_pretrained(model, run.adapter).merge_and_unload()
-    return model, tokenizer
+    path = resolve_base(config.model.base)
+    base = load_base_for_eval(config)
+    model = PeftModel.from_pretrained(base.model, run.adapter).merge_and_unload()
+    return LocalGenerator(model, base.tokenizer, model_fingerprint(path, run.adapter), config.eval.batch_size)
+
+
+def endpoint_arms(config: Config) -> dict[str, RemoteGenerator]:
+    return {e.name: RemoteGenerator(endpoint_of(e, f"eval.endpoints[{e.name}]")) for e in config.eval.endpoints}
 
 
 def arm_scores(run: RunDir, arm: str) -> list[dict[str, float]]:

@@ -9,6 +9,7 @@ from tunewise.models.resolve import (
     load_model,
     load_tokenizer,
     resolve_base,
+    tunewise_home,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_base",
+    "tunewise_home",
 ]

@@ -40,10 +40,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
+def tunewise_home() -> Path:
+    """tunewise's own folder: $TUNEWISE_HOME (default ~/.cache/tunewise)."""
+    return Path(os.environ.get("TUNEWISE_HOME") or Path.home() / ".cache" / "tunewise")
+
+
 def cache_dir() -> Path:
-    """Where imported models live: $TUNEWISE_HOME/models (default ~/.cache/tunewise)."""
-    home = os.environ.get("TUNEWISE_HOME") or Path.home() / ".cache" / "tunewise"
-    return Path(home) / "models"
+    """Where imported models live: $TUNEWISE_HOME/models."""
+    return tunewise_home() / "models"
 
 
 def _package_dir(spec: EmbeddedModel) -> Path:

@@ -83,3 +83,80 @@ def bar_plot(counts: dict[str, int], *, xlabel: str) -> str:
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     return png(fig)
+
+
+def confusion_plot(matrices: dict[str, dict], title: str) -> str:
+    """Side-by-side confusion matrices (rows: reference, columns: prediction), one per arm."""
+    import numpy as np
+
+    plt = _pyplot()
+    arms = list(matrices)
+    size = max(len(m["columns"]) for m in matrices.values())
+    cell = 0.42 if size > 8 else 0.6
+    fig, axes = plt.subplots(1, len(arms), figsize=(max(4.5, 1.8 + cell * size) * len(arms), 1.6 + cell * size),
+                             squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        m = matrices[arm]
+        counts = np.asarray(m["matrix"], dtype=float)  # (labels, columns)
+        rows = counts.sum(axis=1, keepdims=True)
+        share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        for (i, j), n in np.ndenumerate(counts):
+            if n:
+                ax.text(j, i, int(n), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "#222")
+        ax.set_xticks(range(len(m["columns"])), m["columns"], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(m["labels"])), m["labels"], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("reference")
+        accuracy = np.trace(counts[:, : len(m["labels"])]) / max(counts.sum(), 1)
+        ax.set_title(f"{arm} (accuracy {accuracy:.2f})", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return png(fig)
+
+
+def regression_plot(base: dict[str, float], finetuned: dict[str, float]) -> str:
+    """General regression set accuracy per category, base vs fine-tune."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = list(base)
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.45 * len(names)))
+    ax.barh(y - 0.2, [base[n] for n in names], height=0.4, color="#4C72B0", label="base")
+    ax.barh(y + 0.2, [finetuned.get(n, 0.0) for n in names], height=0.4, color="#DD8452", label="fine-tune")
+    ax.set_yticks(y, names)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of regression items passed")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
+    return png(fig)
+
+
+def metrics_grid_plot(arms: dict[str, dict], metrics: list[str]) -> str:
+    """One small bar chart with 95% interval whiskers per metric, every arm in each."""
+    plt = _pyplot()
+    names = list(arms)
+    columns = 3
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(11, rows * (0.5 + 0.32 * len(names))), squeeze=False)
+    colors = ["#DD8452" if a == "finetuned" else "#4C72B0" for a in names]
+    for ax, metric in zip(axes.flat, metrics):
+        values = [arms[a]["metrics"].get(metric, {"mean": 0.0, "low": 0.0, "high": 0.0}) for a in names]
+        means = [v["mean"] for v in values]
+        err = [[m - v["low"] for m, v in zip(means, values)], [v["high"] - m for m, v in zip(means, values)]]
+        ax.barh(names, means, xerr=err, color=colors, capsize=3)
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        if metric != "length_ratio":
+            ax.set_xlim(0, 1)
+        else:
+            ax.axvline(1.0, color="#555", lw=0.8, ls="--")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return png(fig)
