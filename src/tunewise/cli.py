@@ -22,10 +22,13 @@ model_app = typer.Typer(no_args_is_help=True, help="Base models.")
 app.add_typer(model_app, name="model")
 data_app = typer.Typer(no_args_is_help=True, help="Check and prepare data files.")
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(no_args_is_help=True, help="Adapter versions, promotion, canary routes, rollback.")
+app.add_typer(registry_app, name="registry")
 console = Console(highlight=False, soft_wrap=True)
 
 DEMO = "debian-sections"
 RunsOpt = Annotated[Path, typer.Option("--runs", help="Folder that holds the run folders.")]
+RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="Registry folder [default: $TUNEWISE_HOME/registry].")]
 
 
 def _example_dir() -> Path:
@@ -282,6 +285,168 @@ def model_import(
     if name not in EMBEDDED:
         raise TunewiseError(f"'{name}' is not an embedded model", fix=f"one of: {', '.join(EMBEDDED)}")
     console.print(f"{name}: {import_embedded(name, force=force)}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Write the adapter merged into the base (safetensors).")] = False,
+    gguf: Annotated[bool, typer.Option("--gguf", help="Write a GGUF file for llama.cpp.")] = False,
+    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f32, f16, bf16, q8_0, ...")] = "q8_0",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Export folder [default: RUN/export].")] = None,
+) -> None:
+    """Export a run's fine-tune: merged transformers folder with a model card, and/or GGUF."""
+    from tunewise.deploy.export import export_run
+
+    if not (merge or gguf):
+        raise TunewiseError("nothing to export", fix="add --merge, --gguf, or both")
+    written = export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, console=console)
+    for what, path in written.items():
+        console.print(f"{what}: {path}")
+
+
+def _adapter_options(values: list[str]) -> dict[str, Path]:
+    adapters = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise TunewiseError(f"--adapter '{value}' is not NAME=FOLDER", field="--adapter",
+                                fix="e.g. --adapter sections=runs/<run>/adapter")
+        if name in adapters:
+            raise TunewiseError(f"--adapter name '{name}' is given twice", field="--adapter")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def _registry(folder: Optional[Path], *, must_exist: bool = False):
+    from tunewise.deploy.registry import Registry
+
+    if folder is None:
+        registry = Registry.default()
+    elif must_exist and not folder.is_dir():
+        raise TunewiseError("no registry folder here", file=folder, fix="tunewise registry add NAME RUN creates one")
+    else:
+        registry = Registry(folder)
+    return registry
+
+
+@app.command()
+def serve(
+    adapter: Annotated[list[str], typer.Option("--adapter", help="NAME=FOLDER of a PEFT adapter; repeatable.")] = [],
+    base: Annotated[str, typer.Option("--base", help="Base model: embedded name, folder or hub id.")] = "smollm2-135m-instruct",
+    registry: RegistryOpt = None,
+    no_registry: Annotated[bool, typer.Option("--no-registry", help="Serve only --adapter, no registry routes.")] = False,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding the API key; every endpoint but /health then needs it.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="Requests per generation batch.")] = 8,
+    engine: Annotated[str, typer.Option("--engine", help="builtin (this machine) or vllm (GPU, scale-out).")] = "builtin",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own code (off: safer).")] = False,
+) -> None:
+    """Serve the base model and adapters over an OpenAI-compatible API, with the registry's canary routes."""
+    import os
+
+    adapters = _adapter_options(adapter)
+    reg = None if no_registry else _registry(registry)
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise TunewiseError(f"the environment variable {api_key_env} is empty", field="--api-key-env",
+                                fix=f"export {api_key_env}=<key> first")
+    if engine == "vllm":
+        from tunewise.deploy.vllm import run_vllm, vllm_command, write_script
+        from tunewise.models import resolve_base
+
+        routed = {n: r.current for n, r in (reg.routes().items() if reg else []) if r.current is not None}
+        adapters |= {n: reg.resolve(v.name, v.version).path for n, v in routed.items()}
+        command = vllm_command(resolve_base(base), adapters, host=host, port=port,
+                               trust_remote_code=trust_remote_code)
+        script = write_script(command, Path("serve-vllm.sh").resolve(), api_key_env)
+        console.print(f"vLLM command (also in {script}):\n{' '.join(command)}")
+        if routed:
+            console.print("note: vLLM serves each registry name's current version; canary routes are tunewise serve's")
+        run_vllm(command, script, api_key_env)
+        return
+    if engine != "builtin":
+        raise TunewiseError(f"unknown engine '{engine}'", field="--engine", fix="builtin or vllm")
+    from tunewise.deploy import serve as run_server
+
+    run_server(base, adapters, registry=reg, host=host, port=port, api_key=key, max_batch=max_batch,
+               trust_remote_code=trust_remote_code, console=console)
+
+
+def _version_row(table: Table, v, route) -> None:
+    state = []
+    if route and route.current and route.current.version == v.version:
+        state.append("current")
+    if route and route.canary and route.canary.version == v.version:
+        state.append(f"canary {route.share:.0%}")
+    score = f"{v.finetuned:.3f}" if v.finetuned is not None else "-"
+    table.add_row(v.name, f"v{v.version}", ", ".join(state), v.decision or "-",
+                  f"{v.primary_metric or '-'} {score}", v.dataset_version or "-", v.run, v.created)
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[Optional[str], typer.Argument(help="Only this adapter name.")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Every version with its verdict, dataset version and route state."""
+    reg = _registry(registry)
+    routes = reg.routes()
+    table = Table("name", "version", "route", "verdict", "fine-tune", "dataset", "run", "added")
+    for v in reg.versions(name):
+        _version_row(table, v, routes.get(v.name))
+    console.print(table if table.rows else "the registry is empty: tunewise registry add NAME RUN")
+
+
+@registry_app.command("add")
+def registry_add(
+    name: Annotated[str, typer.Argument(help="Adapter name clients will ask for.")],
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    registry: RegistryOpt = None,
+) -> None:
+    """Copy a run's adapter into the registry as the name's next version."""
+    v = _registry(registry).add(name, run_dir)
+    console.print(f"added {v.name} v{v.version} (verdict: {v.decision or 'none'}); promote it with "
+                  f"`tunewise registry promote {v.name}`")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Version [default: newest].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even without a SHIP verdict.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Send all of the name's traffic to a version."""
+    v = _registry(registry).promote(name, version, force=force)
+    console.print(f"{v.name}: v{v.version} is current")
+
+
+@registry_app.command("canary")
+def registry_canary(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    share: Annotated[float, typer.Option("--share", help="Share of traffic for the canary, e.g. 0.1.")] = 0.1,
+    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Version [default: newest].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Canary even without a SHIP verdict.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Send a share of the name's traffic to a new version, the rest to the current one."""
+    route = _registry(registry).canary(name, version, share, force=force)
+    console.print(f"{name}: {route.share:.0%} to v{route.canary.version}, the rest to v{route.current.version}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    registry: RegistryOpt = None,
+) -> None:
+    """Drop the canary, or go back to the previously promoted version; servers follow without a restart."""
+    route = _registry(registry).rollback(name)
+    current = f"v{route.current.version}" if route.current else "nothing"
+    console.print(f"{name}: all traffic to {current}")
 
 
 def _interrupt(signum, frame) -> None:

@@ -7,11 +7,9 @@ import torch
 from rich.console import Console
 
 from tunewise.models import EMBEDDED, resolve_base
-from tunewise.pipeline import run_pipeline
 from tunewise.runs import read_json
 
 pytestmark = pytest.mark.integration
-DEMO = Path(__file__).parents[2] / "examples" / "debian-sections" / "tunewise.yaml"
 
 
 def test_imported_safetensors_equal_the_gguf_model(embedded_path):
@@ -29,9 +27,8 @@ def test_imported_safetensors_equal_the_gguf_model(embedded_path):
         torch.testing.assert_close(ours(x).logits, gguf(x).logits)
 
 
-def test_demo_config_end_to_end_on_a_sample(tmp_path):
-    overrides = ["data.max_examples=160", "train.epochs=1", "eval.max_test=24", "eval.bootstrap_samples=500"]
-    run, verdict = run_pipeline(DEMO, overrides, tmp_path / "runs", Console(quiet=True))
+def test_demo_config_end_to_end_on_a_sample(demo_run):
+    run, verdict = demo_run
     assert verdict["decision"] in ("SHIP", "DO NOT SHIP")
     assert verdict["primary_metric"] == "json_exact" and verdict["n_items"] == 16
     summary = read_json(run.train_summary)

@@ -30,13 +30,13 @@ from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
 from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
-GENERATION_VERSION = 1  # bump when generation changes in a way that changes outputs
+GENERATION_VERSION = 2  # bump when generation changes in a way that changes outputs (2: adapters unmerged)
 MAX_CONFUSION_LABELS = 20
 
 
 @dataclass
 class LocalGenerator:
-    """The base model, or base + adapter merged: batched greedy generation with the KV cache."""
+    """The base model, or base + adapter: batched greedy generation with the KV cache."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -268,12 +268,14 @@ def load_base_for_eval(config: Config) -> LocalGenerator:
 
 
 def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
-    """Base + the run's adapter, merged for generation speed (same weights as base+adapter)."""
+    """Base + the run's adapter, unmerged: the weights `tunewise serve` runs. Merging in bf16 rounds
+    base + B@A into new weights and changed 10% of the demo's greedy outputs (135/150 identical),
+    so the evaluated model would not be the served one; unmerged costs little here (see bench/README.md)."""
     from peft import PeftModel
 
     path = resolve_base(config.model.base)
     base = load_base_for_eval(config)
-    model = PeftModel.from_pretrained(base.model, run.adapter).merge_and_unload()
+    model = PeftModel.from_pretrained(base.model, run.adapter).eval()
     return LocalGenerator(model, base.tokenizer, model_fingerprint(path, run.adapter), config.eval.batch_size)
 
 

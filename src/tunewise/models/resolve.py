@@ -135,10 +135,10 @@ def _from_hub(repo_id: str) -> Path:
         )
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise TunewiseError(
             "the base model's tokenizer has no chat template", file=path, field="model.base",
@@ -149,10 +149,12 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32):
+def load_model(path: Path, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False):
+    """Safetensors weights only (never a pickle); a repository's own code only when asked for."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
 
 
 def compute_dtype() -> torch.dtype:

@@ -1,0 +1,302 @@
+"""The serving engine: one base model, several LoRA adapters in one PeftModel, and one worker
+thread that batches queued requests sharing an adapter.
+
+Every forward pass runs on the worker thread, so the active adapter (global to a PeftModel)
+never changes under a running batch; loading and unloading adapters take the same lock. A batch
+goes through the evaluate stage's own `generate_batch` (same chat template, left padding, greedy,
+end-of-turn stop), so a served adapter answers what the evaluate stage recorded for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from tunewise.errors import TunewiseError
+from tunewise.evaluate.generate import generate_batch
+from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
+
+HOLD = "\ufffd"  # the decoder's placeholder for a character whose bytes have not all arrived
+
+
+def check_adapter(name: str, path: Path) -> Path:
+    """The adapter folder if it holds a PEFT adapter in safetensors, else a TunewiseError."""
+    path = Path(path).expanduser()
+    fix = "pass a run's adapter folder, e.g. runs/<run>/adapter"
+    if not path.is_dir():
+        raise TunewiseError(f"adapter '{name}': {'not a folder' if path.exists() else 'no such folder'}",
+                            file=path, fix=fix)
+    if not (path / "adapter_config.json").is_file():
+        raise TunewiseError(f"adapter '{name}': not a PEFT adapter folder (no adapter_config.json)", file=path, fix=fix)
+    if not (path / "adapter_model.safetensors").is_file():
+        pickled = " (adapter_model.bin is a pickle, which tunewise never loads)" if (
+            path / "adapter_model.bin").exists() else ""
+        raise TunewiseError(
+            f"adapter '{name}': no adapter_model.safetensors{pickled}", file=path,
+            fix="save the adapter as safetensors: model.save_pretrained(folder, safe_serialization=True)",
+        )
+    return path
+
+
+# ---- one request's output, token by token ------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One prompt to complete. The worker fills `ids`, streams text deltas to `events` (when
+    `stream`), and resolves `done` with (text, finish_reason)."""
+
+    key: str | None  # the loaded adapter that answers; None: the base model
+    text: str  # the rendered prompt
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    sampling: dict | None = None  # None: greedy
+    seed: int | None = None
+    stream: bool = False
+    prompt_tokens: int = 0
+    ids: list[int] = field(default_factory=list)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    done: Future = field(default_factory=Future)
+    finish_reason: str | None = None
+    _sent: int = 0  # characters of the visible text already streamed
+
+    def group(self) -> tuple:
+        """Jobs with the same group may share a batch."""
+        if not self.sampling:
+            return (self.key, None, None)  # greedy: the seed changes nothing
+        return (self.key, tuple(sorted(self.sampling.items())), self.seed)
+
+
+class _Rows(StoppingCriteria):
+    """Feeds each row's new token to its job (the streamer role) and says which rows are done:
+    end-of-turn, the job's own max_tokens, or one of its stop strings."""
+
+    def __init__(self, jobs: list[Job], tokenizer, prompt_len: int) -> None:
+        self.jobs, self.tokenizer, self.prompt_len = jobs, tokenizer, prompt_len
+        self.eos = tokenizer.eos_token_id
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1].tolist()
+        for job, token in zip(self.jobs, last):
+            if job.finish_reason is not None:
+                continue
+            job.ids.append(token)
+            if token == self.eos:
+                job.finish_reason = "stop"
+            elif self._hit_stop(job):
+                job.finish_reason = "stop"
+            elif len(job.ids) >= job.max_tokens:
+                job.finish_reason = "length"
+            if job.stream:
+                _push(job, self.tokenizer, final=job.finish_reason is not None)
+        return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
+
+    def _hit_stop(self, job: Job) -> bool:
+        if not job.stop:
+            return False
+        text = self.tokenizer.decode(job.ids, skip_special_tokens=True).lstrip()
+        return any(s in text for s in job.stop)
+
+
+def _visible(job: Job, tokenizer) -> str:
+    """The answer so far as the client sees it: decoded like the evaluate stage, cut at a stop string."""
+    text = tokenizer.decode(job.ids, skip_special_tokens=True).lstrip()
+    cuts = [text.find(s) for s in job.stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _push(job: Job, tokenizer, *, final: bool) -> None:
+    """Stream the newly visible text. Held back until final: a half-decoded character, trailing
+    whitespace (the final answer is stripped), and a tail that could start a stop string."""
+    text = _visible(job, tokenizer)
+    if final:
+        text = text.rstrip()
+    else:
+        keep = len(text.rstrip(HOLD).rstrip())
+        for s in job.stop:
+            for k in range(min(len(s) - 1, keep), 0, -1):
+                if text[:keep].endswith(s[:k]):
+                    keep -= k
+                    break
+        text = text[:keep]
+    if len(text) > job._sent:
+        job.events.put(text[job._sent:])
+        job._sent = len(text)
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    key: str
+    peft_name: str | None  # None: the bare base (all adapters disabled)
+    tokenizer: object
+    folder: Path | None
+
+
+class Engine:
+    """Owns the model; `submit` queues a job, the worker thread answers it in a batch."""
+
+    def __init__(self, base: str, *, max_batch: int = 8, trust_remote_code: bool = False,
+                 on_batch=None) -> None:
+        path = resolve_base(base)
+        self.base = base
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.front = {None: copy.deepcopy(self.tokenizer)}  # request threads' own copies (see `front_tokenizer`)
+        self.front_lock = threading.Lock()
+        model = load_model(path, dtype=compute_dtype(), trust_remote_code=trust_remote_code)
+        self.model = model.to("cuda") if torch.cuda.is_available() else model
+        self.model.eval()
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        self.vocab_rows = self.model.get_input_embeddings().num_embeddings
+        self.max_batch = max_batch
+        self.loaded: dict[str, Loaded] = {}
+        self.lock = threading.RLock()  # the model: one batch, load or unload at a time
+        self.queue: list[Job] = []
+        self.wake = threading.Condition()
+        self.on_batch = on_batch  # called with (key, batch size) after each batch, for metrics
+        self._counter = 0
+        self._stop = False
+        self.worker = threading.Thread(target=self._loop, name="tunewise-engine", daemon=True)
+        self.worker.start()
+
+    # -- adapters --
+
+    def load(self, key: str, folder: Path) -> Loaded:
+        """Load a PEFT adapter (safetensors only) under `key`; a TunewiseError if it does not fit the base."""
+        from peft import PeftModel
+
+        folder = check_adapter(key, folder)
+        tokenizer = self._adapter_tokenizer(key, folder)
+        with self.lock:
+            if key in self.loaded:
+                return self.loaded[key]
+            self._counter += 1
+            peft_name = f"adapter{self._counter}"  # PEFT keys are module names (no dots)
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(folder, adapter_name=peft_name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=peft_name)
+                    self.model.eval()
+            except (ValueError, RuntimeError, KeyError, OSError) as err:  # another base: shapes or modules differ
+                reason = (str(err).strip().splitlines() or [""])[0][:300]
+                raise TunewiseError(
+                    f"adapter '{key}' does not load onto '{self.base}' ({type(err).__name__}: {reason})", file=folder,
+                    fix="serve the adapter with the base model it was trained on",
+                ) from None
+            self.loaded[key] = Loaded(key, peft_name, tokenizer, folder)
+            with self.front_lock:
+                self.front[key] = copy.deepcopy(tokenizer)
+            return self.loaded[key]
+
+    def unload(self, key: str) -> None:
+        with self.lock:
+            entry = self.loaded.pop(key)
+            self.model.delete_adapter(entry.peft_name)
+            with self.front_lock:
+                self.front.pop(key, None)
+
+    def _adapter_tokenizer(self, key: str, folder: Path):
+        """The tokenizer saved with the adapter (tunewise's train stage saves the one it trained
+        with, chat template included); the base's for a folder without one, as in evaluation."""
+        if not (folder / "tokenizer_config.json").is_file():
+            return self.tokenizer
+        tokenizer = load_tokenizer(folder, trust_remote_code=self.trust_remote_code)
+        if len(tokenizer) > self.vocab_rows:
+            raise TunewiseError(
+                f"adapter '{key}': its tokenizer has {len(tokenizer)} tokens, the base model's embeddings "
+                f"{self.vocab_rows}", file=folder, fix="serve the adapter with the base model it was trained on",
+            )
+        return tokenizer
+
+    def render(self, key: str | None, fn):
+        """`fn(tokenizer)` with a request-side copy of `key`'s tokenizer (None: the base's). The
+        worker's tokenizers stay its own: a Rust tokenizer used by two threads at once fails
+        ("Already borrowed") when one of them changes its padding."""
+        with self.front_lock:
+            return fn(self.front[key])
+
+    # -- requests --
+
+    def submit(self, job: Job) -> Job:
+        with self.wake:
+            self.queue.append(job)
+            self.wake.notify()
+        return job
+
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def close(self) -> None:
+        with self.wake:
+            self._stop = True
+            self.wake.notify()
+
+    def _take(self) -> list[Job] | None:
+        """The oldest job and the queued jobs that may share its batch (same adapter and settings)."""
+        with self.wake:
+            while not self.queue and not self._stop:
+                self.wake.wait()
+            if self._stop:
+                return None
+            group = self.queue[0].group()
+            batch = [j for j in self.queue if j.group() == group][: self.max_batch]
+            self.queue = [j for j in self.queue if j not in batch]
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            except BaseException as err:  # a bug or an out-of-memory: fail these jobs, keep serving
+                for job in batch:
+                    if not job.done.done():
+                        job.done.set_exception(err)
+                        job.events.put(None)
+
+    def _run(self, batch: list[Job]) -> None:
+        from peft import PeftModel
+
+        started = time.perf_counter()
+        with self.lock:
+            key = batch[0].key
+            entry = None if key is None else self.loaded.get(key)
+            if key is not None and entry is None:
+                raise TunewiseError(f"the model '{key}' was unloaded while the request waited")
+            tokenizer = entry.tokenizer if entry else self.tokenizer
+            if isinstance(self.model, PeftModel) and entry is None:
+                context = self.model.disable_adapter()
+            else:
+                if entry is not None:
+                    self.model.set_adapter(entry.peft_name)
+                context = nullcontext()
+            texts = [job.text for job in batch]
+            prompt_len = tokenizer(texts, return_tensors="pt", padding=True,
+                                   add_special_tokens=False)["input_ids"].shape[1]
+            rows = _Rows(batch, tokenizer, prompt_len)
+            if batch[0].sampling and batch[0].seed is not None:
+                torch.manual_seed(batch[0].seed)
+            with context:
+                generate_batch(self.model, tokenizer, texts, max_new_tokens=max(j.max_tokens for j in batch),
+                               stopping_criteria=StoppingCriteriaList([rows]), sampling=batch[0].sampling)
+        for job in batch:
+            if job.finish_reason is None:  # generate stopped for all rows at max_new_tokens
+                job.finish_reason = "length"
+            if job.stream:
+                _push(job, tokenizer, final=True)
+                job.events.put(None)
+            job.done.set_result((_visible(job, tokenizer).rstrip(), job.finish_reason))
+        if self.on_batch:
+            self.on_batch(batch[0].key, len(batch), time.perf_counter() - started)

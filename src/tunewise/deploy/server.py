@@ -1,0 +1,551 @@
+"""tunewise's OpenAI-compatible server: one base model and several LoRA adapters, loaded at once.
+
+    serve("smollm2-135m-instruct", {"sections": Path("runs/<run>/adapter")}, registry=Registry.default())
+    # POST http://127.0.0.1:8000/v1/chat/completions  {"model": "sections", "messages": [...]}
+
+A request's `model` names the base (`base`, or the base's own name), an adapter given at start,
+a registry name (routed: the canary's share of requests goes to the canary version, the rest to
+the current one), or one registry version (`name@v3`). The registry is re-read whenever it
+changed, so `tunewise registry promote|canary|rollback` takes effect without a restart.
+
+Generation is the evaluate stage's own (engine.py): the adapter's chat template, greedy decoding,
+stop at the end-of-turn token. Bad requests get OpenAI's error body and a 4xx status, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from starlette.exceptions import HTTPException
+
+from tunewise.deploy.engine import Engine, Job
+from tunewise.errors import TunewiseError
+from tunewise.evaluate.generate import prompt_length, render
+
+BASE = "base"
+DEFAULT_MAX_TOKENS = 256
+MAX_TOKENS = 4096
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_BODY = 1 << 20  # bytes
+PUBLIC = ("/health",)
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted, not shown to the model
+
+    def plain(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The fields chat and text completions share; any field not declared is a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=0, le=0)
+    frequency_penalty: float | None = Field(None, ge=0, le=0)
+    seed: int | None = None
+    user: str | None = None  # accepted, not used
+
+    def budget(self) -> int:
+        return self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)
+
+    def sampling(self) -> dict | None:
+        """None (greedy: the evaluated behavior) unless a temperature above 0 is asked for."""
+        if not self.temperature:
+            return None
+        return {"temperature": self.temperature} | ({"top_p": self.top_p} if self.top_p else {})
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # the newer name of max_tokens
+
+    def budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] = Field(min_length=1)
+    echo: bool | None = Field(None, description="only false")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+class AdapterLoad(BaseModel):
+    """Load a registry version (`name` and `version`), or a folder inside the registry's folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(@v[0-9]+)?$")
+    version: int | None = Field(None, ge=1)
+    path: str | None = None
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A request tunewise cannot answer, as OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    kind = ("server_error" if status >= 500 else "authentication_error" if status == 401
+            else "permission_error" if status == 403 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+def validation_error(err: dict) -> JSONResponse:
+    """A FastAPI/pydantic validation error as OpenAI's 400 body."""
+    if err["type"] == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "")
+        return error(400, f"the request body is not valid JSON ({reason})".replace(" ()", ""))
+    loc = [str(p) for p in err["loc"] if p != "body"]
+    param = ".".join(loc) or None
+    if err["type"] == "extra_forbidden":
+        return error(400, f"unsupported parameter '{param}'", "unsupported_parameter", param)
+    if err["type"] == "missing" and param is None:
+        return error(400, "the request needs a JSON body")
+    return error(400, f"{param}: {err['msg']}" if param else err["msg"], None, param)
+
+
+def key_refusal(request: Request, api_key: str) -> JSONResponse | None:
+    header = request.headers.get("authorization", "")
+    if not header:
+        return error(401, "You didn't provide an API key: send the header 'Authorization: Bearer <key>'.",
+                     "invalid_api_key")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode()):
+        return error(401, "Incorrect API key provided.", "invalid_api_key")
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes (declared or streamed) is a 413 before any parsing."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except _TooLarge:
+            return await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error(413, f"the request body is larger than {self.limit} bytes", "request_too_large")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ---- routing: which loaded adapter answers a model name -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str | None  # the engine's adapter key; None: the base
+    model: str  # the id the response names (a registry version resolves to name@vN)
+    version: str  # the metrics label
+
+
+class Router:
+    """Model names -> loaded adapters: the base, adapters given at start, and the registry's routes
+    (re-read when its stamp changes; versions no route needs any more are unloaded)."""
+
+    def __init__(self, engine: Engine, base: str, adapters: dict[str, Path], registry=None) -> None:
+        self.engine, self.base, self.registry = engine, base, registry
+        self.fixed = set(adapters)
+        self.routes: dict = {}
+        self.pinned: set[str] = set()  # registry versions loaded by name@vN or the admin endpoint
+        self.stamp = None
+        self.lock = threading.Lock()
+        for name, folder in adapters.items():
+            if not name.strip() or name in (BASE, base) or "@" in name:
+                raise TunewiseError(f"adapter name '{name}' is empty, has '@', or is taken by the base model",
+                                    fix=f"name the adapter something other than '{BASE}' or '{base}'")
+            engine.load(name, folder)
+        self.refresh()
+
+    def refresh(self, force: bool = False) -> None:
+        if self.registry is None:
+            return
+        with self.lock:
+            if self.registry.stamp() == self.stamp and not force:
+                return
+            stamp, routes = self.registry.snapshot()  # both from one transaction
+            wanted = {f"{v.name}@v{v.version}": v for r in routes.values() for v in (r.current, r.canary) if v}
+            for key, version in wanted.items():
+                if key not in self.engine.loaded:  # resolve checks the path and the files' digests
+                    self.engine.load(key, self.registry.resolve(version.name, version.version).path)
+            for key in [k for k in self.engine.loaded if "@" in k and k not in wanted and k not in self.pinned]:
+                self.engine.unload(key)
+            self.routes = {name: r for name, r in routes.items() if r.current is not None}
+            self.stamp = stamp
+
+    def names(self) -> list[dict]:
+        """/v1/models: the base, then every adapter name a request may use, each with its parent."""
+        rows = [(BASE, None)] + [(name, BASE) for name in sorted(self.fixed)]
+        rows += [(name, BASE) for name in sorted(self.routes)]
+        rows += [(key, BASE) for key in sorted(k for k in self.engine.loaded if "@" in k)]
+        return [{"id": i, "parent": p} for i, p in rows]
+
+    def target(self, name: str) -> Target:
+        self.refresh()
+        if name in (BASE, self.base):
+            return Target(None, name, BASE)
+        if name in self.fixed:
+            return Target(name, name, name)
+        if name in self.routes:
+            from tunewise.deploy.registry import pick
+
+            version = pick(self.routes[name], random.random())
+            key = f"{version.name}@v{version.version}"
+            return Target(key, key, key)
+        if "@v" in name and self.registry is not None and name.split("@v", 1)[1].isdigit():
+            return self.pin(*name.split("@v", 1))
+        known = ", ".join(row["id"] for row in self.names())
+        raise Refused(404, f"The model '{name}' does not exist; this server serves: {known}", "model_not_found",
+                      "model")
+
+    def pin(self, name: str, version: str | int) -> Target:
+        """A registry version by number, loaded on first use and kept."""
+        key = f"{name}@v{version}"
+        if key not in self.engine.loaded:
+            try:
+                self.engine.load(key, self.registry.resolve(name, int(version)).path)
+            except TunewiseError as err:
+                raise Refused(404, f"The model '{key}' does not exist: {err.message}", "model_not_found",
+                              "model") from None
+        self.pinned.add(key)
+        return Target(key, key, key)
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus series per model version: requests by status, latency, generated tokens, batches."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tunewise_requests", "Requests answered", ["model", "version", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("tunewise_request_seconds", "Time from request to the last token",
+                                 ["model", "version"], registry=self.registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
+        self.tokens = Counter("tunewise_generated_tokens", "Completion tokens generated", ["version"],
+                              registry=self.registry)
+        self.batch = Histogram("tunewise_batch_size", "Requests per generation batch", ["version"],
+                               registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
+        self.queued = Gauge("tunewise_queued_requests", "Requests waiting for the model", registry=self.registry)
+
+    def on_batch(self, key: str | None, size: int, seconds: float) -> None:
+        self.batch.labels(key or BASE).observe(size)
+
+
+def _completion_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=None, api_key: str | None = None,
+               max_batch: int = 8, trust_remote_code: bool = False) -> FastAPI:
+    """Load `base`, every adapter and the registry's routed versions (a TunewiseError for a bad
+    one), then the app that serves them."""
+    metrics = Metrics()
+    engine = Engine(base, max_batch=max_batch, trust_remote_code=trust_remote_code, on_batch=metrics.on_batch)
+    router = Router(engine, base, dict(adapters or {}), registry)
+    metrics.queued.set_function(engine.pending)
+    created = int(time.time())
+    app = FastAPI(title="tunewise serve", version="1", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.router = engine, router
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/admin") and api_key is None:
+            return error(403, "the admin endpoints need an API key: start the server with one (--api-key-env)",
+                         "admin_disabled")
+        if api_key is not None and path not in PUBLIC:
+            refused = key_refusal(request, api_key)
+            if refused is not None:
+                return refused
+        return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc.errors()[0])
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        return error(exc.status, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug in tunewise; uvicorn logs it
+        return error(500, f"internal error ({type(exc).__name__}); the server log has the traceback")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        data = [{"object": "model", "created": created, "owned_by": "tunewise", **row} for row in router.names()]
+        return {"object": "list", "data": data}
+
+    def jobs_for(target: Target, body: Sampling, texts: list[str]) -> list[Job]:
+        budget, tokenizer_key = body.budget(), target.key
+        lengths = engine.render(tokenizer_key, lambda tok: [prompt_length(tok, t) for t in texts])
+        for tokens in lengths:
+            if engine.context and tokens + budget > engine.context:
+                raise Refused(400, f"This model's maximum context length is {engine.context} tokens. However, you "
+                              f"requested {tokens + budget} tokens ({tokens} in the prompt, {budget} in the "
+                              "completion). Please reduce the length of the prompt or completion.",
+                              "context_length_exceeded", "messages" if isinstance(body, ChatRequest) else "prompt")
+        return [engine.submit(Job(target.key, text, budget, body.stops(), body.sampling(), body.seed,
+                                  bool(body.stream), prompt_tokens=n)) for text, n in zip(texts, lengths)]
+
+    async def answer(body: Sampling, texts_of, kind: str):
+        started = time.perf_counter()
+        target = await asyncio.to_thread(router.target, body.model)  # may load a registry version
+        jobs = await asyncio.to_thread(lambda: jobs_for(target, body, texts_of(target)))
+        if body.stream:
+            return StreamingResponse(stream(jobs, body, target, kind, started), media_type="text/event-stream")
+        results = [await asyncio.wrap_future(job.done) for job in jobs]
+        observe(target, jobs, started)
+        usage = _usage(jobs)
+        choices = [_choice(kind, i, text, reason) for i, (text, reason) in enumerate(results)]
+        return {"id": _completion_id("chatcmpl" if kind == "chat" else "cmpl"),
+                "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": target.model, "choices": choices, "usage": usage}
+
+    def observe(target: Target, jobs: list[Job], started: float, status: str = "200") -> None:
+        metrics.requests.labels(target.model, target.version, status).inc()
+        metrics.latency.labels(target.model, target.version).observe(time.perf_counter() - started)
+        metrics.tokens.labels(target.version).inc(sum(len(j.ids) for j in jobs))
+
+    def stream(jobs: list[Job], body: Sampling, target: Target, kind: str, started: float):
+        """Server-sent events, OpenAI's chunk format; a sync generator, which Starlette runs in a thread."""
+        ident, made = _completion_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
+        head = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": made, "model": target.model}
+
+        def chunk(choices: list, usage: dict | None = None) -> str:
+            return "data: " + json.dumps(head | {"choices": choices} | ({"usage": usage} if usage else {})) + "\n\n"
+
+        [job] = jobs  # one prompt per streamed request (n is 1; a prompt list cannot stream)
+        if kind == "chat":
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while (delta := job.events.get()) is not None:
+            piece = {"content": delta} if kind == "chat" else None
+            yield chunk([{"index": 0, "delta": piece, "finish_reason": None} if kind == "chat"
+                         else {"index": 0, "text": delta, "finish_reason": None, "logprobs": None}])
+        try:
+            _, reason = job.done.result()
+        except Exception as err:  # noqa: BLE001 - the stream has started: report inside it
+            observe(target, jobs, started, "500")
+            yield "data: " + json.dumps({"error": {"message": f"internal error ({type(err).__name__})",
+                                                   "type": "server_error", "param": None, "code": None}}) + "\n\n"
+            return
+        observe(target, jobs, started)
+        yield chunk([{"index": 0, "delta": {}, "finish_reason": reason} if kind == "chat"
+                     else {"index": 0, "text": "", "finish_reason": reason, "logprobs": None}])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], _usage(jobs))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+            raise Refused(400, "max_tokens and max_completion_tokens differ: send one of them", None, "max_tokens")
+        messages = [m.plain() for m in body.messages]
+
+        def texts(target: Target) -> list[str]:
+            try:
+                return [engine.render(target.key, lambda tok: render(tok, messages))]
+            except TemplateError as err:  # e.g. a template that wants user/assistant turns to alternate
+                raise Refused(400, f"the chat template of '{target.model}' refuses these messages: {err}",
+                              None, "messages") from None
+
+        return await answer(body, texts, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if body.echo:
+            raise Refused(400, "echo is not supported: send echo false or leave it out", "unsupported_value", "echo")
+        prompts = body.prompts()
+        if len(prompts) > MAX_PROMPTS or (body.stream and len(prompts) > 1):
+            raise Refused(400, f"send at most {MAX_PROMPTS} prompts, and one prompt when streaming", None, "prompt")
+        if any(not p for p in prompts):
+            raise Refused(400, "prompt: an empty prompt has nothing to complete", None, "prompt")
+        return await answer(body, lambda target: prompts, "text")
+
+    # ---- admin: load and unload adapters at run time (an API key is required) ----
+
+    @app.get("/admin/adapters")
+    def loaded() -> dict:
+        return {"adapters": [{"name": k, "path": str(v.folder)} for k, v in engine.loaded.items()],
+                "routes": {n: {"current": _v(r.current), "canary": _v(r.canary), "share": r.share}
+                           for n, r in router.routes.items()}}
+
+    @app.post("/admin/adapters")
+    def load(body: AdapterLoad) -> dict:
+        if registry is None:
+            raise Refused(400, "this server has no registry: adapters load from the registry's folder only",
+                          "no_registry")
+        if (body.version is None) == (body.path is None):
+            raise Refused(400, "send either version (a registry version) or path (inside the registry folder)")
+        if body.version is not None:
+            return {"loaded": router.pin(body.name.split("@")[0], body.version).key}
+        folder = _inside(Path(registry.root), body.path)
+        if "@" in body.name or body.name in router.fixed or body.name in (BASE, base):
+            raise Refused(400, f"the name '{body.name}' is taken or has '@'", None, "name")
+        try:
+            engine.load(body.name, folder)
+        except TunewiseError as err:
+            raise Refused(400, err.message, None, "path") from None
+        router.fixed.add(body.name)
+        return {"loaded": body.name}
+
+    @app.delete("/admin/adapters/{name}")
+    def unload(name: str) -> dict:
+        if name not in engine.loaded:
+            raise Refused(404, f"no adapter '{name}' is loaded", "model_not_found", "name")
+        routed = {f"{v.name}@v{v.version}" for r in router.routes.values() for v in (r.current, r.canary) if v}
+        if name in routed:
+            raise Refused(409, f"'{name}' is routed by the registry: roll it back or promote another version first")
+        engine.unload(name)
+        router.fixed.discard(name)
+        router.pinned.discard(name)
+        return {"unloaded": name}
+
+    @app.post("/admin/reload")
+    def reload() -> dict:
+        router.refresh(force=True)
+        return loaded()
+
+    return app
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """`relative` under `root`, or a 400: no absolute paths, no '..', no symlink out of the folder."""
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    if Path(relative).is_absolute() or not candidate.is_relative_to(root):
+        raise Refused(400, f"path '{relative}' is outside the registry folder", "path_not_allowed", "path")
+    return candidate
+
+
+def _v(version) -> str | None:
+    return f"{version.name}@v{version.version}" if version else None
+
+
+def _usage(jobs: list[Job]) -> dict:
+    prompt, completion = sum(j.prompt_tokens for j in jobs), sum(len(j.ids) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _choice(kind: str, index: int, text: str, reason: str) -> dict:
+    if kind == "chat":
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                "logprobs": None}
+    return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+
+
+def serve(base: str, adapters: dict[str, Path], *, registry=None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_batch: int = 8, trust_remote_code: bool = False,
+          console: Console | None = None) -> None:
+    """Load the models, then answer requests on http://host:port/v1 until Ctrl-C (blocking)."""
+    import uvicorn
+
+    console = console or Console()
+    console.print(f"loading {base} and {len(adapters)} adapter(s) ...")
+    app = create_app(base, adapters, registry=registry, api_key=api_key, max_batch=max_batch,
+                     trust_remote_code=trust_remote_code)
+    names = ", ".join(row["id"] for row in app.state.router.names())
+    console.print(f"serving on http://{host}:{port}/v1 (models: {names}); metrics at /metrics")
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] {host} is reachable from other machines and no API key is set")
+    uvicorn.run(app, host=host, port=port, log_level="info")
