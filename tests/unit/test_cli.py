@@ -156,3 +156,39 @@ def test_missing_api_key_variable_is_named(monkeypatch):
     monkeypatch.setenv("TW_TEST_KEY", "sk-1")
     endpoint = endpoint_of(cfg, "eval.endpoints[api]")
     assert endpoint.api_key == "sk-1" and endpoint.url == "http://127.0.0.1:9/v1" and "sk-1" not in repr(endpoint)
+
+
+def test_ship_commands_refuse_bad_input_with_exit_2(tmp_path, monkeypatch, capsys):
+    registry = ["--registry", str(tmp_path / "reg")]
+    code, out = run_cli(monkeypatch, capsys, "registry", "promote", "sections", *registry)
+    assert code == 2 and "the registry is empty" in out.lower() and "Traceback" not in out
+    code, out = run_cli(monkeypatch, capsys, "registry", "add", "../x", str(tmp_path), *registry)
+    assert code == 2 and "name" in out
+    code, out = run_cli(monkeypatch, capsys, "registry", "add", "sections", str(tmp_path / "nope"), *registry)
+    assert code == 2 and "nope" in out
+    code, out = run_cli(monkeypatch, capsys, "export", str(tmp_path))
+    assert code == 2 and "--merge" in out
+    code, out = run_cli(monkeypatch, capsys, "serve", "--adapter", "no-equals-sign", "--no-registry")
+    assert code == 2 and "NAME=FOLDER" in out
+    code, out = run_cli(monkeypatch, capsys, "serve", "--adapter", f"a={tmp_path / 'missing'}", "--no-registry")
+    assert code == 2 and "no such folder" in out
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    code, out = run_cli(monkeypatch, capsys, "serve", "--api-key-env", "NO_SUCH_KEY_VAR", "--no-registry")
+    assert code == 2 and "NO_SUCH_KEY_VAR" in out
+    code, out = run_cli(monkeypatch, capsys, "registry", "list", *registry)
+    assert code in (0, None) and "empty" in out
+
+
+def test_serve_with_vllm_writes_the_command(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """vLLM is not installed here: the script is still written, and the message says where."""
+    from tests.unit.test_server import make_adapter
+    from tunewise.models import load_tokenizer
+
+    adapter = make_adapter(tiny_model_dir, load_tokenizer(tiny_model_dir), tmp_path / "a", seed=1)
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(monkeypatch, capsys, "serve", "--engine", "vllm", "--base", str(tiny_model_dir),
+                        "--adapter", f"sections={adapter}", "--no-registry", "--port", "9001")
+    script = (tmp_path / "serve-vllm.sh").read_text()
+    assert code == 2 and "vLLM is not installed" in out and "serve-vllm.sh" in out
+    assert "vllm serve" in script and "--enable-lora" in script and "--max-lora-rank 8" in script
+    assert '"name": "sections"' in script and str(adapter.resolve()) in script and "--port 9001" in script

@@ -393,7 +393,11 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
         jobs = await asyncio.to_thread(lambda: jobs_for(target, body, texts_of(target)))
         if body.stream:
             return StreamingResponse(stream(jobs, body, target, kind, started), media_type="text/event-stream")
-        results = [await asyncio.wrap_future(job.done) for job in jobs]
+        try:
+            results = [await asyncio.wrap_future(job.done) for job in jobs]
+        except TunewiseError as err:  # the adapter was unloaded while the request waited
+            observe(target, jobs, started, "503")
+            raise Refused(503, err.message, "model_unloaded", "model") from None
         observe(target, jobs, started)
         usage = _usage(jobs)
         choices = [_choice(kind, i, text, reason) for i, (text, reason) in enumerate(results)]
