@@ -204,7 +204,11 @@ class Engine:
     def unload(self, key: str) -> None:
         with self.lock:
             entry = self.loaded.pop(key)
-            self.model.delete_adapter(entry.peft_name)
+            if self.loaded:
+                self.model.delete_adapter(entry.peft_name)
+            else:  # the last one: back to the plain base model (PEFT keeps no adapter-less wrapper working)
+                self.model = self.model.unload()
+                self.model.eval()
             with self.front_lock:
                 self.front.pop(key, None)
 

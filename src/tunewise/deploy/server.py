@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import json
 import random
+import re
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 4096
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
 MAX_BODY = 1 << 20  # bytes
+MIN_TEMPERATURE = 1e-3
 PUBLIC = ("/health",)
 
 
@@ -89,7 +91,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=0, le=0)
     frequency_penalty: float | None = Field(None, ge=0, le=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's
     user: str | None = None  # accepted, not used
 
     def budget(self) -> int:
@@ -100,8 +102,9 @@ class Sampling(BaseModel):
         return tuple(s for s in stops if s)
 
     def sampling(self) -> dict | None:
-        """None (greedy: the evaluated behavior) unless a temperature above 0 is asked for."""
-        if not self.temperature:
+        """None (greedy: the evaluated behavior) unless a temperature of at least MIN_TEMPERATURE
+        is asked for; below it, logits / temperature overflow and greedy is what it tends to."""
+        if not self.temperature or self.temperature < MIN_TEMPERATURE:
             return None
         return {"temperature": self.temperature} | ({"top_p": self.top_p} if self.top_p else {})
 
@@ -274,7 +277,7 @@ class Router:
             version = pick(self.routes[name], random.random())
             key = f"{version.name}@v{version.version}"
             return Target(key, key, key)
-        if "@v" in name and self.registry is not None and name.split("@v", 1)[1].isdigit():
+        if self.registry is not None and re.fullmatch(r"[^@]+@v[0-9]{1,9}", name):
             return self.pin(*name.split("@v", 1))
         known = ", ".join(row["id"] for row in self.names())
         raise Refused(404, f"The model '{name}' does not exist; this server serves: {known}", "model_not_found",
@@ -352,7 +355,9 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+        return response
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
@@ -377,6 +382,12 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
 
     def jobs_for(target: Target, body: Sampling, texts: list[str]) -> list[Job]:
         budget, tokenizer_key = body.budget(), target.key
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer does
+                raise Refused(400, "the text holds a lone UTF-16 surrogate, which is not a character: send valid "
+                              "Unicode", None, "messages" if isinstance(body, ChatRequest) else "prompt") from None
         lengths = engine.render(tokenizer_key, lambda tok: [prompt_length(tok, t) for t in texts])
         for tokens in lengths:
             if engine.context and tokens + budget > engine.context:
@@ -516,7 +527,10 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
 def _inside(root: Path, relative: str) -> Path:
     """`relative` under `root`, or a 400: no absolute paths, no '..', no symlink out of the folder."""
     root = root.resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+    except (ValueError, OSError) as err:  # a NUL byte, a name too long, a symlink loop
+        raise Refused(400, f"path '{relative}' is not usable ({err})", "path_not_allowed", "path") from None
     if Path(relative).is_absolute() or not candidate.is_relative_to(root):
         raise Refused(400, f"path '{relative}' is outside the registry folder", "path_not_allowed", "path")
     return candidate

@@ -1,0 +1,272 @@
+"""`tunewise export RUN`: the fine-tune as files that other tools run, each with its model card.
+
+    export/
+      merged/               the adapter merged into the base: a standard transformers folder
+                            (safetensors, config, tokenizer, chat template, generation_config.json
+                            whose eos ids stop at the end of a chat turn) + README.md, the model card
+      <task>-<quant>.gguf   the merged model for llama.cpp (ggufwrite.py)
+
+The merge is PEFT's `merge_and_unload` on the base loaded in float32, so W + BA is computed and
+rounded once; the merged weights are then saved in the base's own dtype, which keeps the merged
+model a drop-in replacement for the base (same size, same precision the base was published in).
+GGUF is made from the merged folder; without --merge that folder is built in a scratch folder and
+removed. Every artifact is written in a temporary sibling and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.text import Text
+
+from tunewise.config import Config, load_config
+from tunewise.deploy.ggufwrite import gguf_quant, write_gguf
+from tunewise.errors import TunewiseError
+from tunewise.models import load_model, load_tokenizer, resolve_base
+from tunewise.progress import progress_bar
+from tunewise.runs import RunDir, atomic_write_json, atomic_write_text, open_run_dir, read_json, replace_dir
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def trained_adapter(run: RunDir) -> Path:
+    """The run's PEFT adapter folder; a TunewiseError if the run was not trained."""
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (run.adapter / name).exists():
+            raise TunewiseError("the run has no trained adapter", file=run.adapter / name,
+                                fix=f"train it first: tunewise run --resume {run.root}")
+    return run.adapter
+
+
+def base_dtype(base_path: Path) -> torch.dtype:
+    """The dtype the base checkpoint is stored in (config.json), float32 when it does not say."""
+    config = read_json(base_path / "config.json")
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>)."""
+    marker = "tunewise-end-of-turn-probe"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = text[text.rindex(marker) + len(marker):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """eos first, then the end-of-turn token when it is another one."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def save_merged(model, tokenizer, target: Path, dtype: torch.dtype) -> None:
+    """A standard transformers folder: weights in `dtype`, tokenizer, chat template, stop tokens."""
+    stops = stop_ids(tokenizer)
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.to(dtype).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    # transformers writes the weights through a 0600 temp file; an artifact is an ordinary file
+    mode = (target / "config.json").stat().st_mode & 0o777
+    for path in target.iterdir():
+        os.chmod(path, mode)
+
+
+def build_merged(base_path: Path, adapter: Path, target: Path, console: Console) -> torch.dtype:
+    """Base (float32) + LoRA adapter -> PEFT merge_and_unload -> `target` in the base's dtype.
+
+    Returns the dtype the weights were saved in."""
+    from peft import PeftModel
+
+    dtype = base_dtype(base_path)
+    # the tokenizer and chat template the adapter was trained with are saved next to it
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").exists() else base_path)
+    with progress_bar(console) as progress:
+        task = progress.add_task("merge", total=3, status=f"loading {base_path.name} in float32")
+        base = load_model(base_path, dtype=torch.float32)
+        progress.update(task, advance=1, status=f"merging {adapter}")
+        model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        progress.update(task, advance=1, status=f"saving in {str(dtype).removeprefix('torch.')}")
+        save_merged(model, tokenizer, target, dtype)
+        progress.update(task, advance=1, status="done")
+    return dtype
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, *, merge: bool = True, gguf: bool = False,
+    quant: str = "q8_0", console: Console,
+) -> dict[str, Path]:
+    """Export a trained run: the merged model folder, a GGUF file, or both, with a model card.
+
+    Returns the written paths: "merged" (folder), "gguf" (file), "card" (README.md)."""
+    if not (merge or gguf):
+        raise TunewiseError("nothing to export", fix="ask for --merge, --gguf or both")
+    run = open_run_dir(run_dir)
+    quant = quant.lower()
+    if gguf:
+        gguf_quant(quant)  # an unknown quant fails before minutes of merging
+    adapter = trained_adapter(run)
+    config = load_config(run.config)
+    base_path = resolve_base(config.model.base)
+    verdict = read_json(run.verdict) if run.verdict.exists() else None
+    _warn_unless_shipped(verdict, run, console)
+    out = Path(out) if out is not None else run.root / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
+        merged = Path(scratch) / "merged"
+        dtype = build_merged(base_path, adapter, merged, console)
+        if gguf:
+            target = out / f"{slug(config.task.name)}-{quant}.gguf"
+            write_gguf(merged, target, quant, name=f"{config.task.name} ({config.model.base} + LoRA)",
+                       base_model=config.model.base, console=console)
+            written["gguf"] = target
+        files = (["merged/"] if merge else []) + ([written["gguf"].name] if gguf else [])
+        card = model_card(run, config, verdict, dtype=dtype, files=files)
+        if merge:
+            atomic_write_text(merged / "README.md", card)
+            atomic_write_json(merged / "tunewise.json", _provenance(run, config, dtype, files))
+            replace_dir(merged, out / "merged")
+            written["merged"] = out / "merged"
+            written["card"] = out / "merged" / "README.md"
+        else:
+            written["card"] = out / "README.md"
+            atomic_write_text(written["card"], card)
+    for kind, path in written.items():
+        console.print(Text.assemble(("export ", "bold"), f"{kind}: {path}"))
+    return written
+
+
+def _warn_unless_shipped(verdict: dict | None, run: RunDir, console: Console) -> None:
+    if verdict is None:
+        console.print(Text.assemble(("warning ", "yellow"), f"no verdict yet ({run.verdict} is missing): "
+                                    "the export is not evidence that the fine-tune beats the baselines"))
+    elif verdict.get("decision") != "SHIP":
+        console.print(Text.assemble(("warning ", "yellow"), f"the verdict is {verdict.get('decision')}: "
+                                    f"{verdict.get('reason', '')}"))
+
+
+def _provenance(run: RunDir, config: Config, dtype: torch.dtype, files: list[str]) -> dict:
+    adapter = read_json(run.adapter / "tunewise.json") if (run.adapter / "tunewise.json").exists() else {}
+    return {**run.provenance(config.train.seed), "adapter": adapter, "base": config.model.base,
+            "merged_dtype": str(dtype).removeprefix("torch."), "files": files}
+
+
+# --- the model card ---------------------------------------------------------------------------
+
+def _ci(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    if stat.get("low") is None or stat["low"] == stat["high"]:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def metric_table(run: RunDir, arms: list[str]) -> str:
+    """Markdown table: one row per metric, one column per arm, mean [95% CI] on the test split."""
+    metrics = {arm: read_json(run.metrics(arm))["metrics"] for arm in arms if run.metrics(arm).exists()}
+    if not metrics:
+        return "No metrics were found in the run folder.\n"
+    arms = list(metrics)
+    names = list(dict.fromkeys(name for arm in arms for name in metrics[arm]))
+    lines = ["| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    lines += [f"| {name} | " + " | ".join(_ci(metrics[arm].get(name)) for arm in arms) + " |" for name in names]
+    return "\n".join(lines) + "\n"
+
+
+def _method(config: Config, summary: dict) -> str:
+    lora = config.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    text = (f"LoRA supervised fine-tuning (r={lora.r}, alpha={lora.alpha or 2 * lora.r}, dropout={lora.dropout}, "
+            f"target modules: {targets}), lr {config.train.lr}")
+    if summary:
+        text += (f", {summary.get('epochs')} epoch(s), {summary.get('steps')} steps on {summary.get('train_examples')} "
+                 f"examples; best validation loss {summary.get('best_val_loss', float('nan')):.4f} at step "
+                 f"{summary.get('best_step')} (kept)")
+    return text
+
+
+def _verdict_section(verdict: dict | None) -> list[str]:
+    if verdict is None:
+        return ["## Verdict", "", "**No verdict**: this run was not evaluated against its baselines. "
+                "Run `tunewise eval RUN` before relying on it.", ""]
+    primary = verdict["primary_metric"]
+    best = verdict["best_baseline"]
+    diff, test = verdict["difference"], verdict["test"]
+    lines = ["## Verdict", "", f"**{verdict['decision']}.** {verdict['reason']}", "",
+             f"- primary metric: `{primary}` on {verdict['n_items']} held-out test items",
+             f"- best baseline: `{best}`; fine-tune minus best baseline: {diff['mean']:+.3f} "
+             f"(95% CI {diff['low']:+.3f} to {diff['high']:+.3f}), {test['name']} p={test['p_value']:.3g}; "
+             f"required margin {verdict['margin']}, alpha {verdict['alpha']}",
+             "", "| arm | mean " + primary + " | fine-tune minus arm (95% CI) |", "|---|---|---|"]
+    for arm, mean in verdict["means"].items():
+        comparison = verdict.get("comparisons", {}).get(arm)
+        delta = "—" if comparison is None else (
+            f"{comparison['difference']['mean']:+.3f} ({comparison['difference']['low']:+.3f} to "
+            f"{comparison['difference']['high']:+.3f})")
+        lines.append(f"| {arm} | {mean:.3f} | {delta} |")
+    return lines + [""]
+
+
+def _limits(verdict: dict | None, config: Config, manifest: dict) -> list[str]:
+    counts = manifest.get("counts", {})
+    lines = ["## Limits", "",
+             f"- Evaluated only on the held-out test split of the same data ({counts.get('test', '?')} items); "
+             "performance on other inputs is unmeasured.",
+             f"- Inherits the base model's ({config.model.base}) knowledge, biases and context limits.",
+             "- GGUF files in 4-8 bits are quantized: their outputs can differ slightly from the merged model."]
+    flags = (verdict or {}).get("red_flags", [])
+    if verdict is not None and verdict.get("decision") != "SHIP":
+        lines.append(f"- The verdict is {verdict['decision']}: prefer `{verdict['best_baseline']}` for this task.")
+    if flags:
+        lines += [f"- Red flag{' (blocking)' if f.get('blocking') else ''}: {f['message']}" for f in flags]
+    elif verdict is not None:
+        lines.append("- Red flags checked (overfitting, length drift, refusals, forgetting): none found.")
+    return lines + [""]
+
+
+def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torch.dtype, files: list[str]) -> str:
+    """README.md for the export: base, method, data version, verdict, metrics, intended use, limits."""
+    manifest = read_json(run.manifest) if run.manifest.exists() else {}
+    adapter = read_json(run.adapter / "tunewise.json") if (run.adapter / "tunewise.json").exists() else {}
+    dataset = manifest.get("version") or adapter.get("dataset_version") or "unknown"
+    counts = manifest.get("counts", {})
+    arms = list((verdict or {}).get("means", {})) or ["finetuned"]
+    lines = [
+        "---", f"base_model: {config.model.base}", "library_name: transformers",
+        "pipeline_tag: text-generation", "tags: [tunewise, lora, merged]", "---", "",
+        f"# {config.task.name}: {config.model.base} fine-tuned with tunewise", "",
+        "## Model", "",
+        f"- Base model: `{config.model.base}`",
+        f"- Method: {_method(config, adapter.get('train', {}))}; merged into the base weights in float32 "
+        f"(PEFT `merge_and_unload`), saved in {str(dtype).removeprefix('torch.')}",
+        f"- Dataset version: `{dataset}` (train/val/test: {counts.get('train', '?')}/{counts.get('val', '?')}/"
+        f"{counts.get('test', '?')} examples, {manifest.get('split_strategy', '?')} split)",
+        f"- Run: `{run.root.name}`; config sha256 `{adapter.get('config_sha256', 'n/a')}`; seed {config.train.seed}",
+        f"- Files: {', '.join(f'`{f}`' for f in files)}", "",
+        *_verdict_section(verdict),
+        "## Metrics", "", "Mean on the held-out test split, with 95% bootstrap interval.", "",
+        metric_table(run, arms),
+        "## Intended use", "",
+        f"The task `{config.task.name}`, on inputs like the training data. Prompt it the way it was trained: "
+        "through the chat template shipped with the tokenizer"
+        + (f", with this system prompt:\n\n> {config.task.system_prompt}" if config.task.system_prompt else "")
+        + "\n\nGeneration stops at the end-of-turn token (generation_config.json / the GGUF's eos and eot ids).", "",
+        *_limits(verdict, config, manifest),
+        "## Provenance", "",
+        f"Libraries at training time: {', '.join(f'{k} {v}' for k, v in adapter.get('libraries', {}).items()) or 'n/a'}.",
+        "",
+    ]
+    return "\n".join(lines)
