@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tunewise.config import Config, load_config
-from tunewise.deploy.ggufwrite import gguf_quant, write_gguf
+from tunewise.deploy.ggufwrite import check_gguf_support, gguf_quant, write_gguf
 from tunewise.errors import TunewiseError
 from tunewise.models import load_model, load_tokenizer, resolve_base
 from tunewise.progress import progress_bar
@@ -80,6 +80,11 @@ def save_merged(model, tokenizer, target: Path, dtype: torch.dtype) -> None:
         os.chmod(path, mode)
 
 
+def tokenizer_dir(adapter: Path, base_path: Path) -> Path:
+    """The tokenizer and chat template the adapter was trained with: saved next to it by training."""
+    return adapter if (adapter / "tokenizer_config.json").exists() else base_path
+
+
 def build_merged(base_path: Path, adapter: Path, target: Path, console: Console) -> torch.dtype:
     """Base (float32) + LoRA adapter -> PEFT merge_and_unload -> `target` in the base's dtype.
 
@@ -87,8 +92,7 @@ def build_merged(base_path: Path, adapter: Path, target: Path, console: Console)
     from peft import PeftModel
 
     dtype = base_dtype(base_path)
-    # the tokenizer and chat template the adapter was trained with are saved next to it
-    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").exists() else base_path)
+    tokenizer = load_tokenizer(tokenizer_dir(adapter, base_path))
     with progress_bar(console) as progress:
         task = progress.add_task("merge", total=3, status=f"loading {base_path.name} in float32")
         base = load_model(base_path, dtype=torch.float32)
@@ -120,6 +124,8 @@ def export_run(
     adapter = trained_adapter(run)
     config = load_config(run.config)
     base_path = resolve_base(config.model.base)
+    if gguf:
+        check_gguf_support(base_path, tokenizer_dir(adapter, base_path))
     verdict = read_json(run.verdict) if run.verdict.exists() else None
     _warn_unless_shipped(verdict, run, console)
     out = Path(out) if out is not None else run.root / "export"
@@ -266,7 +272,8 @@ def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torc
         + "\n\nGeneration stops at the end-of-turn token (generation_config.json / the GGUF's eos and eot ids).", "",
         *_limits(verdict, config, manifest),
         "## Provenance", "",
-        f"Libraries at training time: {', '.join(f'{k} {v}' for k, v in adapter.get('libraries', {}).items()) or 'n/a'}.",
+        "Libraries at training time: "
+        + (", ".join(f"{k} {v}" for k, v in adapter.get("libraries", {}).items()) or "n/a") + ".",
         "",
     ]
     return "\n".join(lines)

@@ -128,6 +128,15 @@ def llama_config(folder: Path):
     return config
 
 
+def check_gguf_support(model_dir: Path, tokenizer_dir: Path) -> None:
+    """Fail early (before a merge) on a model or tokenizer this writer cannot describe to llama.cpp."""
+    llama_config(model_dir)
+    spec_file = tokenizer_dir / "tokenizer.json"
+    if not spec_file.exists():
+        raise TunewiseError("GGUF export needs a fast tokenizer (tokenizer.json)", file=tokenizer_dir, fix=CONVERT_FIX)
+    pre_tokenizer(json.loads(spec_file.read_text("utf-8")), spec_file)
+
+
 def rope_parameters(config) -> dict:
     """{"rope_type", "rope_theta", ...}: transformers 5's rope_parameters, or the older attributes."""
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -183,7 +192,8 @@ def read_tensor(tensor: PlannedTensor) -> np.ndarray:
 def pre_tokenizer(spec: dict, file: Path) -> str:
     """llama.cpp's name for how this byte-level BPE tokenizer splits text before merging."""
     if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise TunewiseError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only", file=file, fix=CONVERT_FIX)
+        raise TunewiseError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only",
+                            file=file, fix=CONVERT_FIX)
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     flags = {"ByteLevel": ("use_regex", True), "Digits": ("individual_digits", False)}  # (field, default)

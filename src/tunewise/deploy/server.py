@@ -59,7 +59,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
@@ -77,9 +77,10 @@ class StreamOptions(BaseModel):
 
 
 class Sampling(BaseModel):
-    """The fields chat and text completions share; any field not declared is a 400."""
+    """The fields chat and text completions share; any field not declared is a 400, and so is a
+    value of the wrong JSON type ("4" for a number, "false" for a boolean), as at OpenAI."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -356,7 +357,11 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-        response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first matching route's methods; name every route's
+            methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
+                       for m in r.methods}
+            response.headers["Allow"] = ", ".join(sorted(methods))
         return response
 
     @app.exception_handler(Refused)
