@@ -267,7 +267,10 @@ class Router:
         return [{"id": i, "parent": p} for i, p in rows]
 
     def target(self, name: str) -> Target:
-        self.refresh()
+        try:
+            self.refresh()
+        except TunewiseError as err:  # a routed version no longer loads (files changed, wrong base)
+            raise Refused(503, f"the registry's routes could not be loaded: {err}", "registry_error") from None
         if name in (BASE, self.base):
             return Target(None, name, BASE)
         if name in self.fixed:
