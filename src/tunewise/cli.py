@@ -384,7 +384,8 @@ def _version_row(table: Table, v, route) -> None:
         state.append(f"canary {route.share:.0%}")
     score = f"{v.finetuned:.3f}" if v.finetuned is not None else "-"
     table.add_row(v.name, f"v{v.version}", ", ".join(state), v.decision or "-",
-                  f"{v.primary_metric or '-'} {score}", v.dataset_version or "-", v.run, v.created)
+                  f"{v.primary_metric or '-'} {score}", (v.dataset_version or "-")[:8], Path(v.run).name,
+                  v.created[:16].replace("T", " "))
 
 
 @registry_app.command("list")
@@ -416,7 +417,7 @@ def registry_add(
 @registry_app.command("promote")
 def registry_promote(
     name: Annotated[str, typer.Argument(help="Adapter name.")],
-    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Version [default: newest].")] = None,
+    version: Annotated[Optional[int], typer.Argument(help="Version number [default: the newest].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even without a SHIP verdict.")] = False,
     registry: RegistryOpt = None,
 ) -> None:
@@ -428,8 +429,8 @@ def registry_promote(
 @registry_app.command("canary")
 def registry_canary(
     name: Annotated[str, typer.Argument(help="Adapter name.")],
+    version: Annotated[Optional[int], typer.Argument(help="Version number [default: the newest].")] = None,
     share: Annotated[float, typer.Option("--share", help="Share of traffic for the canary, e.g. 0.1.")] = 0.1,
-    version: Annotated[Optional[int], typer.Option("--version", "-v", help="Version [default: newest].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Canary even without a SHIP verdict.")] = False,
     registry: RegistryOpt = None,
 ) -> None:
