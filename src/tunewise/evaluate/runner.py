@@ -20,7 +20,7 @@ from tunewise.data.outputs import normalize_label, parse_json
 from tunewise.data.records import Message
 from tunewise.errors import TunewiseError
 from tunewise.evaluate import forgetting
-from tunewise.evaluate.arms import FINETUNED, build_prompts, pick_shots
+from tunewise.evaluate.arms import build_prompts, pick_shots
 from tunewise.evaluate.cache import GenerationCache, cached_generate, default_path, model_fingerprint
 from tunewise.evaluate.endpoint import Endpoint, chat_many
 from tunewise.evaluate.generate import generate
