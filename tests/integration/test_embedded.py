@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
 from tunewise.models import EMBEDDED, resolve_base
 from tunewise.runs import read_json
