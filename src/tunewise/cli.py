@@ -103,6 +103,28 @@ def run(
 
 
 @app.command()
+def train(
+    resume: Annotated[Path, typer.Option("--resume", help="The run folder to continue training.")],
+) -> None:
+    """Continue a run's training from its newest checkpoint (after a crash, Ctrl-C or kill -9)."""
+    from tunewise.pipeline import resume_pipeline
+    from tunewise.runs import open_run_dir, read_json
+
+    run = open_run_dir(resume)
+    if (run.adapter / "tunewise.json").exists() and run.train_summary.exists():
+        console.print(f"{run.root} is already trained; next: tunewise run --resume {run.root}")
+        return
+    run_dir, _ = resume_pipeline(resume, console, only="train")
+    summary = read_json(run_dir.train_summary)
+    resumed = summary.get("resumed_from_step")
+    console.print(f"train done in {run_dir.root}: {summary['steps']} steps"
+                  + (f" (resumed from step {resumed})" if resumed else "")
+                  + (", stopped early" if summary.get("stopped_early") else "")
+                  + f"; best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}. "
+                  f"Next: tunewise run --resume {run_dir.root}")
+
+
+@app.command()
 def demo(
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set data.max_examples=500")] = [],
     runs: RunsOpt = Path("runs"),

@@ -99,6 +99,13 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_seq_len: int | None = Field(None, gt=8, description="Longest example in tokens; derived if unset.")
     evals_per_epoch: int = Field(2, gt=0, description="Validation-loss evaluations per epoch.")
+    patience: int | None = Field(
+        3, gt=0, description="Stop after this many validations without a new best val loss; null: never."
+    )
+    save_every: int | None = Field(
+        None, gt=0, description="Resumable checkpoint every this many optimizer steps; default: at every validation."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Newest step checkpoints kept (the best one is kept besides).")
     seed: int = Field(0, description="Seed of LoRA init, dropout and batch order.")
 
 

@@ -192,3 +192,22 @@ def test_serve_with_vllm_writes_the_command(tmp_path, monkeypatch, capsys, tiny_
     assert code == 2 and "vLLM is not installed" in out and "serve-vllm.sh" in out
     assert "vllm serve" in script and "--enable-lora" in script and "--max-lora-rank 8" in script
     assert '"name": "sections"' in script and str(adapter.resolve()) in script and "--port 9001" in script
+
+
+def test_train_resume_of_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(tmp_path))
+    assert code == 2 and "Traceback" not in out and str(tmp_path) in out
+
+
+def test_train_resume_trains_a_run_that_stopped_before_training(tmp_path, monkeypatch, capsys, make_project):
+    from rich.console import Console
+
+    from tunewise import pipeline
+
+    run, config = pipeline.start_run(make_project(), [], tmp_path / "runs", Console(quiet=True))
+    pipeline.run_stages(run, config, Console(quiet=True), stages=["decide", "baseline"])
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(run.root))
+    assert code in (0, None) and "train done" in out and run.train_summary.exists()
+    assert (run.adapter / "adapter_model.safetensors").exists() and not run.verdict.exists()
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(run.root))
+    assert code in (0, None) and "already trained" in out
