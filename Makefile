@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TW := $(VENV)/bin/tunewise
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser demo test test-fast clean
+.PHONY: setup model browser demo test test-fast bench-setup clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: model browser
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not gpu" -q
+
+# The reference tools the benchmarks in bench/ compare against (TRL).
+bench-setup: model
+	$(PY) -m pip install --quiet -e ".[bench]"
 
 clean:
 	rm -rf $(VENV) runs
