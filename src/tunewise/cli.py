@@ -322,9 +322,7 @@ def export(
 
     if not (merge or gguf):
         raise TunewiseError("nothing to export", fix="add --merge, --gguf, or both")
-    written = export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, console=console)
-    for what, path in written.items():
-        console.print(f"{what}: {path}")
+    export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, console=console)  # prints what it wrote
 
 
 def _adapter_options(values: list[str]) -> dict[str, Path]:
@@ -477,6 +475,9 @@ def _interrupt(signum, frame) -> None:
 
 
 def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5: noise
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
