@@ -80,14 +80,13 @@ def make_app(responder: Responder, requests: list[dict], *, api_key: str | None,
 
 
 @contextmanager
-def serve(responder: Responder, api_key: str | None = None, *, models: list[str] | None = None) -> Iterator[BaseURL]:
-    """Run the server for the duration of the block; yields its base URL (with `.requests`)."""
-    requests: list[dict] = []
+def running(app, name: str = "the server") -> Iterator[str]:
+    """Serve an ASGI `app` with uvicorn in a background thread on a free loopback port; yields
+    the root URL (http://127.0.0.1:PORT)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = make_app(responder, requests, api_key=api_key, models=models)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -95,15 +94,23 @@ def serve(responder: Responder, api_key: str | None = None, *, models: list[str]
         deadline = time.monotonic() + 10
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test OpenAI server did not start")
+                raise RuntimeError(f"{name} did not start")
             time.sleep(0.01)
-        url = BaseURL(f"http://127.0.0.1:{port}/v1")
-        url.requests = requests
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def serve(responder: Responder, api_key: str | None = None, *, models: list[str] | None = None) -> Iterator[BaseURL]:
+    """Run the server for the duration of the block; yields its base URL (with `.requests`)."""
+    requests: list[dict] = []
+    with running(make_app(responder, requests, api_key=api_key, models=models), "the test OpenAI server") as root:
+        url = BaseURL(f"{root}/v1")
+        url.requests = requests
+        yield url
 
 
 def free_port() -> int:

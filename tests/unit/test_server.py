@@ -7,22 +7,18 @@ Each served model must answer exactly what tunewise's own generation gives for t
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import openai
 import pytest
 import torch
-import uvicorn
 from rich.console import Console
 
+from tests.openai_server import running as run_app
 from tunewise.deploy import check_adapter, create_app
 from tunewise.errors import TunewiseError
 from tunewise.evaluate.generate import decode, generate, generate_batch
@@ -87,27 +83,9 @@ def expected(tiny_model_dir, tokenizer, adapters) -> dict[str, list[str]]:
     return outputs
 
 
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn in a background thread on a free loopback port; yields the root URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("tunewise serve did not start")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+def running(app):
+    """tunewise serve's app on a free loopback port (yields the root URL)."""
+    return run_app(app, "tunewise serve")
 
 
 @pytest.fixture(scope="module")

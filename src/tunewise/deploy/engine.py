@@ -80,8 +80,8 @@ class _Rows(StoppingCriteria):
     """Feeds each row's new token to its job (the streamer role) and says which rows are done:
     end-of-turn, the job's own max_tokens, or one of its stop strings."""
 
-    def __init__(self, jobs: list[Job], tokenizer, prompt_len: int) -> None:
-        self.jobs, self.tokenizer, self.prompt_len = jobs, tokenizer, prompt_len
+    def __init__(self, jobs: list[Job], tokenizer) -> None:
+        self.jobs, self.tokenizer = jobs, tokenizer
         self.eos = tokenizer.eos_token_id
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -287,9 +287,7 @@ class Engine:
                     self.model.set_adapter(entry.peft_name)
                 context = nullcontext()
             texts = [job.text for job in batch]
-            prompt_len = tokenizer(texts, return_tensors="pt", padding=True,
-                                   add_special_tokens=False)["input_ids"].shape[1]
-            rows = _Rows(batch, tokenizer, prompt_len)
+            rows = _Rows(batch, tokenizer)
             if batch[0].sampling and batch[0].seed is not None:
                 torch.manual_seed(batch[0].seed)
             with context:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunewise.errors import TunewiseError
-from tunewise.runs import RunDir, read_json
+from tunewise.runs import RunDir, read_json, sha256_file
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -233,14 +233,6 @@ def _copy_hashed(src: Path, dst: Path) -> str:
             fout.write(block)
         fout.flush()
         os.fsync(fout.fileno())
-    return digest.hexdigest()
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -525,7 +517,7 @@ class Registry:
             if entry.is_symlink() or not entry.is_file():
                 raise TunewiseError(f"adapter '{name}' v{version}: unexpected entry '{entry.name}' in its folder",
                                     file=path, fix="re-add the adapter from its run folder")
-            hashes[entry.name] = _hash_file(entry)
+            hashes[entry.name] = sha256_file(entry)
         if _folder_digest(hashes) != found.sha256 or WEIGHTS not in hashes:
             raise TunewiseError(f"adapter '{name}' v{version}: its files changed since it was added "
                                 "(digest mismatch)", file=path, fix="re-add the adapter from its run folder")
