@@ -65,6 +65,7 @@ train:
 eval:
   max_new_tokens: 8
   bootstrap_samples: 200
+track: none  # MLflow (the default) is tested in test_tracking.py
 {extra}""",
             encoding="utf-8",
         )

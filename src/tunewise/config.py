@@ -81,18 +81,47 @@ class ModelConfig(_Strict):
     )
 
 
+METHODS = ("lora", "dora", "qlora", "full", "prompt_tuning", "dpo", "orpo")
+PREFERENCE_METHODS = ("dpo", "orpo")
+Method = Literal["lora", "dora", "qlora", "full", "prompt_tuning", "dpo", "orpo"]
+
+
 class LoraConfig(_Strict):
-    r: int = Field(16, gt=0, description="LoRA rank.")
+    r: int = Field(16, gt=0, description="LoRA rank (lora, dora, qlora, dpo, orpo).")
     alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2*r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: Literal["attention", "all-linear"] | list[str] = Field(
         "attention", description="Preset ('attention', 'all-linear') or module names."
     )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train with the adapter.")
+
+
+class PromptTuningConfig(_Strict):
+    virtual_tokens: int = Field(20, gt=0, le=512, description="Trained soft-prompt vectors prepended to every input.")
+    init_text: str | None = Field(
+        None, description="Initialize the soft prompt from this text's embeddings (default: the task's system "
+        "prompt when it has one, else random)."
+    )
+
+
+class PreferenceConfig(_Strict):
+    beta: float = Field(
+        0.1, gt=0, description="DPO: strength of the KL tie to the reference model; ORPO: weight of the odds-ratio term."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="DPO only: add this times the chosen answers' SFT loss (RPO); ORPO always includes it."
+    )
 
 
 class TrainConfig(_Strict):
     epochs: int | None = Field(None, gt=0, description="Passes over the train split; derived if unset.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (cosine schedule with warmup).")
+    lr: float | None = Field(
+        None, gt=0, description="Peak learning rate; default by method (LoRA family 2e-4, full 2e-5, "
+        "prompt tuning 3e-2, DPO 5e-5, ORPO 1e-4)."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
     batch_size: int | None = Field(None, gt=0, description="Examples per step; derived if unset.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
@@ -107,6 +136,13 @@ class TrainConfig(_Strict):
     )
     keep_checkpoints: int = Field(2, gt=0, description="Newest step checkpoints kept (the best one is kept besides).")
     seed: int = Field(0, description="Seed of LoRA init, dropout and batch order.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute dtype under autocast (trained weights stay fp32); auto: bf16 where the "
+        "hardware has it, else fp16 on GPU, else fp32."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Recompute activations in backward to save memory; auto: only when memory requires it."
+    )
 
 
 RED_FLAGS = ("overfitting", "length_drift", "refusal", "forgetting")
@@ -191,10 +227,20 @@ class Config(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig, description="What the model must do.")
     data: DataConfig = Field(..., description="Where the examples are and how they are split.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    method: Method = Field(
+        "lora", description="lora | dora | qlora (4-bit NF4 base) | full | prompt_tuning on chats; "
+        "dpo | orpo (LoRA) on prompt/chosen/rejected pairs."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
+    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig, description="Soft-prompt shape.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="DPO / ORPO settings.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer and schedule.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Baselines, metrics, verdict.")
     decide: Answers | None = Field(None, description="Answers to `tunewise decide`'s questions.")
+    track: Literal["mlflow", "wandb", "tensorboard", "none"] = Field(
+        "mlflow", description="Experiment tracking: MLflow (a local store in the runs folder), W&B (offline unless "
+        "WANDB_MODE says otherwise), TensorBoard, or none."
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "Config":

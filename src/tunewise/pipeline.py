@@ -48,7 +48,7 @@ from tunewise.runs import (
     read_json,
     read_jsonl,
 )
-from tunewise.train.sft import train_sft
+from tunewise.train.loop import check_method_fits_data, train_model
 
 def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, Config]:
     """Validate config, model and data, then create the run folder with config and data splits."""
@@ -57,6 +57,7 @@ def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, co
     settings = DataSettings.from_config(config)
     prepared = prepare([Path(p) for p in config.data.paths], settings, tokenizer=tokenizer,
                        log=lambda m: console.print(Text.assemble(("data ", "bold"), m)))
+    check_method_fits_data(config, [e for split in prepared.splits.values() for e in split], config_path)
     run = new_run_dir(runs_root, config.task.name)
     atomic_write_text(run.config, dump_config(config))
     run.set_status("running")
@@ -121,11 +122,15 @@ def stage_baseline(run: RunDir, config: Config, console: Console) -> None:
 
 
 def stage_train(run: RunDir, config: Config, console: Console) -> None:
-    summary = train_sft(run, config, console)
+    summary = train_model(run, config, console)
     console.print(
         f"  best val loss {summary.best_val_loss:.4f} at step {summary.best_step} "
-        f"(start {summary.first_val_loss:.4f}); {summary.tokens_per_second:.0f} tokens/s"
+        f"(start {summary.first_val_loss:.4f}); {summary.tokens_per_second:.0f} tokens/s, "
+        f"peak memory {summary.peak_memory_mib:,.0f} MiB"
     )
+    warning = overfitting_flag(read_jsonl(run.train_log))
+    if warning:  # the verdict and the report show it too
+        console.print(Text.assemble(("warning ", "yellow"), warning))
 
 
 def stage_evaluate(run: RunDir, config: Config, console: Console) -> None:

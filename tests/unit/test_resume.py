@@ -19,7 +19,7 @@ from tests.helpers import label_rows, write_jsonl
 from tunewise.config import load_config
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, read_json, sha256_file
-from tunewise.train import sft
+from tunewise.train import loop
 from tunewise.train.checkpoint import FILES, list_checkpoints, read_trainer_state
 
 QUIET = Console(quiet=True)
@@ -40,6 +40,7 @@ def prepared(tmp_path_factory, tiny_model_dir) -> Path:
         f"model: {{base: {tiny_model_dir}}}\n"
         "lora: {r: 4, dropout: 0.1}\n"  # dropout draws from the RNG every step: resume must restore it
         "train: {epochs: 2, batch_size: 4, lr: 0.01, save_every: 3, keep_checkpoints: 2, patience: null}\n"
+        "track: none\n"
     )
     run, _ = start_run(root / "tunewise.yaml", [], root / "runs", QUIET)
     return run.root
@@ -49,12 +50,12 @@ def copy_run(prepared: Path, tmp_path: Path, name: str = "run") -> RunDir:
     return RunDir(Path(shutil.copytree(prepared, tmp_path / name)))
 
 
-def train(run: RunDir) -> sft.TrainSummary:
-    return sft.train_sft(run, load_config(run.config), QUIET)
+def train(run: RunDir) -> loop.TrainSummary:
+    return loop.train_model(run, load_config(run.config), QUIET)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared, tmp_path_factory) -> tuple[RunDir, sft.TrainSummary]:
+def uninterrupted(prepared, tmp_path_factory) -> tuple[RunDir, loop.TrainSummary]:
     run = copy_run(prepared, tmp_path_factory.mktemp("uninterrupted"))
     return run, train(run)
 
@@ -99,15 +100,15 @@ import sys, time
 from rich.console import Console
 from tunewise.config import load_config
 from tunewise.runs import open_run_dir
-from tunewise.train import sft
+from tunewise.train import loop
 
-real = sft.supervised_loss
+real = loop.supervised_loss
 def slow(*args, **kwargs):
     time.sleep(0.1)
     return real(*args, **kwargs)
-sft.supervised_loss = slow
+loop.supervised_loss = slow
 run = open_run_dir(sys.argv[1])
-sft.train_sft(run, load_config(run.config), Console(quiet=True))
+loop.train_model(run, load_config(run.config), Console(quiet=True))
 """
 
 
@@ -149,7 +150,7 @@ def test_kill_9_part_way_then_resume_ends_with_the_same_weights(prepared, uninte
 def crash_at_step(monkeypatch, step: int, error: Exception | None = None) -> None:
     """The training forward pass of `step` returns NaN (or raises `error`)."""
     calls = {"n": 0}
-    real = sft.supervised_loss
+    real = loop.supervised_loss
 
     def patched(causal_lm, **batch):
         loss, n = real(causal_lm, **batch)
@@ -161,7 +162,7 @@ def crash_at_step(monkeypatch, step: int, error: Exception | None = None) -> Non
                 return loss * float("nan"), n
         return loss, n
 
-    monkeypatch.setattr(sft, "supervised_loss", patched)
+    monkeypatch.setattr(loop, "supervised_loss", patched)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
@@ -173,7 +174,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     message = str(err.value)
     for expected in ("training loss became nan at step 9", "train.lr = 0.01", "learning rate", "overflow",
                      "bad data row", str(run.split("train")), "step-000006", "lower train.lr",
-                     f"tunewise run --resume {run.root}"):
+                     f"tunewise train --resume {run.root}"):
         assert expected in message, (expected, message)
     assert [p.name for p in list_checkpoints(run.checkpoints)] == ["step-000003", "step-000006"]
     assert read_json(run.checkpoints / "best" / "tunewise.json")["step"] <= 6
@@ -230,7 +231,7 @@ def test_early_stopping_keeps_the_best_and_a_resume_does_not_train_past_it(prepa
     run.config.write_text(text.replace("patience: null", "patience: 2"))
     # validations at steps 0, 6, 12, 18: best at 6, then two without a new best
     losses = iter([5.0, 4.0, 4.5, 4.6])
-    monkeypatch.setattr(sft, "validation_loss", lambda *args: next(losses))
+    monkeypatch.setattr(loop.SFTObjective, "validate", lambda *args: {"val_loss": next(losses)})
     summary = train(run)
     assert summary.stopped_early and (summary.steps, summary.best_step, summary.best_val_loss) == (18, 6, 4.0)
     assert read_json(run.adapter / "tunewise.json")["step"] == 6
@@ -241,7 +242,7 @@ def test_early_stopping_keeps_the_best_and_a_resume_does_not_train_past_it(prepa
     # killed after the last checkpoint but before the adapter was written: nothing more to train
     shutil.rmtree(run.adapter)
     run.train_summary.unlink()
-    monkeypatch.setattr(sft, "validation_loss", lambda *args: pytest.fail("validated again"))
+    monkeypatch.setattr(loop.SFTObjective, "validate", lambda *args: pytest.fail("validated again"))
     again = train(run)
     assert (again.resumed_from_step, again.steps, again.best_step) == (18, 18, 6)
     assert_same_weights(run.adapter, run.checkpoints / "best")
@@ -250,6 +251,6 @@ def test_early_stopping_keeps_the_best_and_a_resume_does_not_train_past_it(prepa
 def test_patience_counts_validations_since_the_best():
     log = [{"step": 0, "val_loss": 3.0}, {"step": 1, "train_loss": 1.0}, {"step": 2, "val_loss": 2.0},
            {"step": 4, "val_loss": 2.5}, {"step": 6, "val_loss": 2.6}]
-    assert sft.patience_ran_out(log, best_step=2, patience=2)
-    assert not sft.patience_ran_out(log, best_step=2, patience=3)
-    assert not sft.patience_ran_out(log, best_step=2, patience=None)
+    assert loop.patience_ran_out(log, best_step=2, patience=2)
+    assert not loop.patience_ran_out(log, best_step=2, patience=3)
+    assert not loop.patience_ran_out(log, best_step=2, patience=None)

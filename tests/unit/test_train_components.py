@@ -50,7 +50,8 @@ def test_supervised_loss_matches_transformers_loss(tiny_model_dir, tokenizer):
     ]
     batch = collate(items, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 3 and (batch["labels"] != IGNORE).any()
-    ours, n = supervised_loss(model, **batch)
+    total, n = supervised_loss(model, **batch)
+    ours = total / n
     reference = model(**batch).loss  # transformers shifts labels and ignores -100 the same way
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     assert n == int((batch["labels"][:, 1:] != IGNORE).sum())

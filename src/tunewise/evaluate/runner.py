@@ -274,6 +274,10 @@ def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
     from peft import PeftModel
 
     path = resolve_base(config.model.base)
+    if not (run.adapter / "adapter_config.json").exists():  # method: full wrote a whole model
+        model = load_model(run.adapter, dtype=compute_dtype()).eval()
+        model = model.to("cuda") if torch.cuda.is_available() else model
+        return LocalGenerator(model, load_tokenizer(path), model_fingerprint(run.adapter), config.eval.batch_size)
     base = load_base_for_eval(config)
     model = PeftModel.from_pretrained(base.model, run.adapter).eval()
     return LocalGenerator(model, base.tokenizer, model_fingerprint(path, run.adapter), config.eval.batch_size)

@@ -4,7 +4,8 @@
 checkpoints/
   best/                  the adapter with the lowest validation loss so far (PEFT folder + tokenizer)
   step-000040/           one every `train.save_every` steps; the newest `train.keep_checkpoints` are kept
-    adapter_config.json, adapter_model.safetensors   LoRA weights (PEFT format: loads with PeftModel)
+    adapter_config.json, adapter_model.safetensors   adapter weights (PEFT format: loads with PeftModel)
+      or config.json, model.safetensors               the whole model (method: full; loads with transformers)
     optimizer.pt, scheduler.pt                       AdamW moments and step, LR-schedule position
     rng_state.pt                                     torch (and CUDA) and python RNG states
     trainer_state.json                               step, epoch, next batch in the epoch's order,
@@ -31,8 +32,8 @@ import torch
 from tunewise.errors import TunewiseError
 from tunewise.runs import replace_dir
 
-ADAPTER, STATE = "adapter_model.safetensors", "trainer_state.json"
-FILES = (ADAPTER, "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pt", STATE)
+ADAPTER, MODEL, STATE = "adapter_model.safetensors", "model.safetensors", "trainer_state.json"
+FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt", STATE)  # besides the weights: ADAPTER or MODEL
 _STEP = re.compile(r"step-(\d+)")
 
 
@@ -62,7 +63,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := _STEP.fullmatch(p.name)) and all((p / f).exists() for f in FILES)]
+             if (m := _STEP.fullmatch(p.name)) and all((p / f).exists() for f in FILES)
+             and ((p / ADAPTER).exists() or (p / MODEL).exists())]
     return [p for _, p in sorted(found)]
 
 
@@ -116,14 +118,21 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainerSta
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     """Put weights, optimizer, schedule and RNG back exactly as they were after step N."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file, load_model
 
-    loaded = set_peft_model_state_dict(model, load_file(path / ADAPTER))
-    missing = [k for k in loaded.missing_keys if "lora_" in k]
-    if loaded.unexpected_keys or missing:
+    if isinstance(model, PeftModel) and (path / ADAPTER).exists():
+        loaded = set_peft_model_state_dict(model, load_file(path / ADAPTER))
+        unexpected, missing = loaded.unexpected_keys, [k for k in loaded.missing_keys if "lora_" in k]
+    elif not isinstance(model, PeftModel) and (path / MODEL).exists():
+        missing, unexpected = load_model(model, path / MODEL, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        missing = [k for k in missing if k not in tied]
+    else:
+        unexpected, missing = ["(another method's weights)"], []
+    if unexpected or missing:
         raise TunewiseError(
-            f"the checkpoint's adapter does not fit this model (unexpected {loaded.unexpected_keys[:3]}, "
+            f"the checkpoint's weights do not fit this model (unexpected {unexpected[:3]}, "
             f"missing {missing[:3]})",
             file=path,
             fix=f"delete {path.parent} to train this run again from scratch",

@@ -1,0 +1,266 @@
+"""Every training method on the tiny random llama: the loss falls, exactly the method's weights
+change, and the artifact loads in the reference library (PEFT for adapters, transformers for
+full models). Preference losses match TRL's on the same numbers; bad method/data pairs exit 2."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from tests.helpers import SECTIONS, label_rows
+from tunewise.config import load_config
+from tunewise.errors import TunewiseError
+from tunewise.runs import read_json
+from tunewise.train import loop, methods
+
+QUIET = Console(quiet=True)
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """The label task as pairs: the JSON answer is chosen, a refusal (or a wrong section) rejected."""
+    rng = random.Random(seed)
+    rows = []
+    for row in label_rows(n, seed):
+        right = json.loads(row["messages"][1]["content"])["section"]
+        wrong = rng.choice(["Sorry, I cannot classify this package.", "I am not sure which section this is.",
+                            json.dumps({"section": rng.choice([s for s in SECTIONS if s != right])})])
+        rows.append({"prompt": row["messages"][0]["content"], "chosen": json.dumps({"section": right}),
+                     "rejected": wrong})
+    return rows
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The Trainable each run builds, with a copy of every weight as it was before training."""
+    seen = {}
+    real = methods.build
+
+    def build(config, base_path, dtype):
+        tr = real(config, base_path, dtype)
+        seen["tr"] = tr
+        seen["before"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        return tr
+
+    monkeypatch.setattr(loop, "build", build)
+    return seen
+
+
+def train(make_project, tmp_path, method: str, rows=None, extra: str = "") -> tuple[Path, loop.TrainSummary]:
+    from tunewise.pipeline import start_run
+
+    config_path = make_project(rows, extra=f"method: {method}\n{extra}")
+    run, config = start_run(config_path, [], tmp_path / "runs", QUIET)
+    return run, loop.train_model(run, config, QUIET)
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny llama at hidden size 64: bitsandbytes' CPU 4-bit kernels need rows of >= 64 (its block)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny64")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+SFT = {
+    "lora": "",
+    "dora": "",
+    "qlora": "model: {base: TINY64}\n",
+    "full": "train: {epochs: 2, batch_size: 8, lr: 0.003}\n",
+    "prompt_tuning": "train: {epochs: 2, batch_size: 8, lr: 0.1}\nprompt_tuning: {virtual_tokens: 4}\n",
+    "dpo": "train: {epochs: 3, batch_size: 8, lr: 0.01}\n",
+    "orpo": "train: {epochs: 3, batch_size: 8, lr: 0.01}\n",
+}
+
+
+@pytest.mark.parametrize("method", list(SFT))
+def test_method_trains_changes_only_its_weights_and_loads_in_the_reference_library(
+        method, make_project, tmp_path, captured, tiny_model_dir, tiny64_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rows = preference_rows(60) if method in ("dpo", "orpo") else None
+    run, summary = train(make_project, tmp_path, method, rows, SFT[method].replace("TINY64", str(tiny64_dir)))
+    if method == "qlora":
+        tiny_model_dir = tiny64_dir
+        assert type(captured["tr"].causal_lm.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+
+    # the loss fell
+    assert summary.method == method and summary.steps > 0
+    assert summary.best_val_loss < summary.first_val_loss - 0.01, summary
+    # trainable weights changed, frozen ones did not (bit for bit)
+    tr, before = captured["tr"], captured["before"]
+    trained_ids = {id(p) for p in tr.params}
+    changed, frozen_changed, n_trained = 0, [], 0
+    for name, p in tr.model.named_parameters():
+        same = torch.equal(p.detach(), before[name])
+        if id(p) in trained_ids:
+            n_trained += 1
+            changed += not same
+        elif not same:
+            frozen_changed.append(name)
+    assert not frozen_changed, frozen_changed
+    assert n_trained == len(tr.params) and changed >= 0.9 * n_trained, (changed, n_trained)
+    if method == "full":
+        assert n_trained == len(before)  # every weight trains
+    else:
+        assert 0 < n_trained < len(before)
+
+    # the artifact loads in the reference library and is not the base model
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        if method == "full":
+            assert not (run.adapter / "adapter_config.json").exists()
+            loaded = AutoModelForCausalLM.from_pretrained(run.adapter).eval()
+            logits = loaded(ids).logits
+        else:
+            adapter_config = json.loads((run.adapter / "adapter_config.json").read_text())
+            expected_type = "PROMPT_TUNING" if method == "prompt_tuning" else "LORA"
+            assert adapter_config["peft_type"] == expected_type
+            assert adapter_config.get("use_dora", False) == (method == "dora")
+            loaded = PeftModel.from_pretrained(base, run.adapter).eval()
+            logits = loaded(input_ids=ids).logits[:, -ids.shape[1]:]
+    assert (logits - base_logits).abs().max() > 1e-3
+    assert read_json(run.train_summary)["peak_memory_mib"] > 0
+
+
+def test_preference_accuracy_rises_with_dpo(make_project, tmp_path):
+    run, summary = train(make_project, tmp_path, "dpo", preference_rows(60), SFT["dpo"])
+    log = [json.loads(line) for line in run.train_log.read_text().splitlines()]
+    accuracy = [row["val_preference_accuracy"] for row in log if "val_preference_accuracy" in row]
+    assert accuracy[-1] > accuracy[0]
+    assert log[0]["val_loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as the reference: log 2
+
+
+def test_orpo_loss_matches_trl():
+    """Our odds-ratio term against TRL's own `ORPOTrainer.odds_ratio_loss` on the same log-probs."""
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    from tunewise.train.preference import orpo_losses
+
+    g = torch.Generator().manual_seed(0)
+    avg_c, avg_r = -torch.rand(6, generator=g) * 3, -torch.rand(6, generator=g) * 3
+    ours, _ = orpo_losses(avg_c, avg_r, nll_c=torch.zeros(6), beta=0.1)
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    theirs = ORPOTrainer.odds_ratio_loss(trainer, avg_c, avg_r)[0]
+    torch.testing.assert_close(ours, -theirs)  # TRL returns beta * logsigmoid, which its caller subtracts
+
+
+def test_dpo_loss_from_sequence_logprobs_matches_a_direct_computation(tiny_model_dir, tokenizer):
+    """Sequence log-probs (LM head on labeled positions only) against log_softmax over the full
+    logits, and the DPO loss against its definition with those numbers."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from tunewise.data import Example
+    from tunewise.train.batches import collate
+    from tunewise.train.loss import sequence_logprobs
+    from tunewise.train.preference import dpo_losses, encode_pair
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pairs = [encode_pair(tokenizer, Example(messages=[{"role": "user", "content": f"q{i}" * (i + 1)},
+                                                      {"role": "assistant", "content": "yes" * (i + 1)}],
+                                            source=f"x:{i}", rejected="no"), "Be brief.") for i in range(3)]
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(model, **batch)
+        logp = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    direct = (logp[:, :-1].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    torch.testing.assert_close(sums, direct, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == mask.sum(-1).tolist() and all(c > 0 for c in counts.tolist())
+    # only the final answer is labeled: the prompt and system turns are not
+    assert counts[3:].tolist() == [len(tokenizer("no<|im_end|>\n", add_special_tokens=False)["input_ids"])] * 3
+    pi_c, pi_r = sums[:3], sums[3:]
+    ref_c, ref_r = pi_c - 0.5, pi_r + 0.25
+    losses, margin = dpo_losses(pi_c, pi_r, ref_c, ref_r, beta=0.2)
+    torch.testing.assert_close(losses, torch.full((3,), -F.logsigmoid(torch.tensor(0.2 * 0.75)).item()))
+    torch.testing.assert_close(margin, torch.full((3,), 0.15))
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    from tunewise.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out + out.err
+
+
+@pytest.mark.parametrize("method, rows, expected", [
+    ("dpo", None, ["method dpo trains on preference pairs", "has no rejected answer", "method: lora"]),
+    ("orpo", None, ["method orpo trains on preference pairs"]),
+    ("lora", "pairs", ["is a preference pair", "method lora", "method: dpo"]),
+])
+def test_method_and_data_that_do_not_fit_exit_2_before_any_run_folder(
+        method, rows, expected, make_project, tmp_path, monkeypatch, capsys):
+    config = make_project(preference_rows(40) if rows else None, extra=f"method: {method}\n")
+    code, output = run_cli(monkeypatch, capsys, "run", "-c", str(config), "--runs", str(tmp_path / "runs"))
+    assert code == 2 and "Traceback" not in output, output
+    flat = " ".join(output.split())
+    for text in expected:
+        assert text in flat, (text, output)
+    assert "data.jsonl:1" in flat or "data.jsonl:" in flat
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_target_modules_that_do_not_exist_list_the_real_ones(make_project, tmp_path, monkeypatch, capsys):
+    config = make_project(extra="lora: {target_modules: [q_proj, attn_out]}\n")
+    run, cfg = None, load_config(config)
+    from tunewise.pipeline import start_run
+
+    run, cfg = start_run(config, [], tmp_path / "runs", QUIET)
+    with pytest.raises(TunewiseError) as err:
+        loop.train_model(run, cfg, QUIET)
+    message = str(err.value)
+    assert "['attn_out'] do not exist" in message and "lora.target_modules" in message
+    for real in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"):
+        assert real in message
+    assert "lm_head" not in message
+    assert not run.adapter.exists() and not run.checkpoints.exists()
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(make_project, tmp_path, monkeypatch):
+    from tunewise.pipeline import start_run
+
+    run, cfg = start_run(make_project(extra="method: qlora\n"), [], tmp_path / "runs", QUIET)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(TunewiseError) as err:
+        loop.train_model(run, cfg, QUIET)
+    message = str(err.value)
+    assert "method qlora needs bitsandbytes" in message and "method: lora" in message
+    assert not run.adapter.exists()
+
+
+def test_memory_plan_halves_the_batch_and_keeps_the_global_batch(monkeypatch, tiny_model_dir):
+    import psutil
+
+    from tunewise.config import Config
+
+    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)}})
+    tr = methods.build(config, tiny_model_dir, torch.float32)
+    roomy = loop.memory_plan(tr, 8, 1, 128, "auto", 1)
+    assert roomy == (8, 1, False, "")
+    # 1 MB free: checkpointing goes on first, then the batch halves while accumulation doubles
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1.5e6})())
+    batch, accum, checkpointing, note = loop.memory_plan(tr, 8, 1, 128, "auto", 1)
+    assert checkpointing and batch * accum == 8 and batch < 8 and "halved" in note
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1e3})())
+    with pytest.raises(TunewiseError, match="train.max_seq_len"):
+        loop.memory_plan(tr, 8, 1, 128, "auto", 1)
