@@ -106,15 +106,26 @@ def run(
 def train(
     resume: Annotated[Path, typer.Option("--resume", help="The run folder to continue training.")],
 ) -> None:
-    """Continue a run's training from its newest checkpoint (after a crash, Ctrl-C or kill -9)."""
+    """Train a run (from its newest checkpoint after a crash, Ctrl-C or kill -9). Under
+    `torchrun --nproc_per_node N -m tunewise train --resume RUN` it trains data-parallel."""
+    from tunewise.config import load_config
     from tunewise.pipeline import resume_pipeline
     from tunewise.runs import open_run_dir, read_json
+    from tunewise.train.distributed import init_distributed
+    from tunewise.train.loop import train_model
 
     run = open_run_dir(resume)
     if (run.adapter / "tunewise.json").exists() and run.train_summary.exists():
         console.print(f"{run.root} is already trained; next: tunewise run --resume {run.root}")
         return
-    run_dir, _ = resume_pipeline(resume, console, only="train")
+    dist = init_distributed()
+    if dist.active:  # every process trains; the main one writes and reports
+        train_model(run, load_config(run.config), console)
+        if not dist.main:
+            return
+        run_dir = run
+    else:
+        run_dir, _ = resume_pipeline(resume, console, only="train")
     summary = read_json(run_dir.train_summary)
     resumed = summary.get("resumed_from_step")
     console.print(f"train done in {run_dir.root}: {summary['steps']} steps"
@@ -122,6 +133,45 @@ def train(
                   + (", stopped early" if summary.get("stopped_early") else "")
                   + f"; best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}. "
                   f"Next: tunewise run --resume {run_dir.root}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Optional[Path], typer.Option("-c", "--config", help="tunewise.yaml")] = None,
+    grid: Annotated[list[str], typer.Option(
+        "--grid", help="Values to try, repeatable: --grid train.lr=1e-4,2e-4,4e-4. Without --grid: "
+        "train.lr=1e-4,2e-4,4e-4 x lora.r=8,16 x train.epochs=1,2.")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key in every trial: --set train.batch_size=8")] = [],
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this sweep folder.")] = None,
+    runs: RunsOpt = Path("runs"),
+) -> None:
+    """Train every combination of a grid of settings, one after another; pick the best by validation loss."""
+    from tunewise.sweep import resume_sweep, run_sweep, sweep_table
+
+    if resume is not None:
+        if config is not None or grid or set_:
+            raise TunewiseError("--resume continues a sweep with the trials it was planned with",
+                                fix="drop -c, --grid and --set, or start a new sweep without --resume")
+        root, result = resume_sweep(resume, console)
+    elif config is not None:
+        root, result = run_sweep(config, grid, set_, runs, console)
+    else:
+        raise TunewiseError("nothing to sweep", fix="pass -c tunewise.yaml (or --resume SWEEP_DIR)")
+    columns, rows = sweep_table(result)
+    table = Table(title=f"{len(rows)} trials: the best has the lowest validation loss")
+    for n, column in enumerate(columns):
+        last = n == len(columns) - 1
+        table.add_column(column, justify="left" if n == 0 or last else "right", no_wrap=not last,
+                         min_width=6 if last else None)
+    for cells, best in rows:
+        table.add_row(*map(Text, cells), style="bold green" if best else "")
+    console.print(table)
+    console.print(f"report: {root / 'sweep.html'}")
+    if result["winner"] is None:
+        console.print(Text("no trial finished training", style="bold red"))
+        raise typer.Exit(1)
+    console.print(f"best: {result['winner']}; evaluate it against the baselines with: "
+                  f"tunewise run --resume {root / 'trials' / result['winner']}")
 
 
 @app.command()

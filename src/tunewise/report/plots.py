@@ -160,3 +160,45 @@ def metrics_grid_plot(arms: dict[str, dict], metrics: list[str]) -> str:
         ax.axis("off")
     fig.tight_layout()
     return png(fig)
+
+
+def sweep_curves_plot(curves: dict[str, list[tuple[float, float]]], *, xlabel: str, best: str | None) -> str | None:
+    """Validation loss of every sweep trial against training progress; the best trial drawn bold."""
+    if not any(curves.values()):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for label, points in curves.items():
+        if points:
+            bold = label == best
+            ax.plot(*zip(*points), "o-", ms=3 if not bold else 5, lw=2.5 if bold else 1, alpha=1 if bold else 0.75,
+                    label=f"{label} (best)" if bold else label, zorder=3 if bold else 2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return png(fig)
+
+
+def sweep_best_plot(losses: dict[str, float | None], *, best: str | None) -> str:
+    """Each sweep trial's best validation loss as a dot (lower is better); trials without one say why."""
+    plt = _pyplot()
+    names = list(losses)
+    found = [v for v in losses.values() if v is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(names)))
+    for y, name in enumerate(names):
+        value = losses[name]
+        if value is None:
+            ax.text(0.01, y, "no result (failed or not trained)", va="center", fontsize=8, color="#C44E52",
+                    transform=ax.get_yaxis_transform())
+        else:
+            ax.plot([value], [y], "o", ms=8 if name == best else 6, color="#DD8452" if name == best else "#4C72B0")
+    if found:
+        low, high = min(found), max(found)
+        pad = (high - low) * 0.1 or 0.05 * abs(high) or 0.1
+        ax.set_xlim(low - pad, high + pad)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlabel("best validation loss (lower is better)")
+    ax.grid(axis="x", alpha=0.3)
+    return png(fig)

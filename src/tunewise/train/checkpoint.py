@@ -51,6 +51,7 @@ class TrainerState:
     best_val: float
     best_step: int
     log: list[dict] = field(default_factory=list)  # train_log.jsonl rows so far
+    step_seconds: float = 0.0  # time inside optimizer steps only (no validation, no checkpoint writes)
     fingerprint: dict = field(default_factory=dict)  # the settings that shape the result
 
 

@@ -73,6 +73,7 @@ class TrainSummary:
     tokens: int
     seconds: float
     tokens_per_second: float
+    step_tokens_per_second: float  # counting only the time inside optimizer steps
     peak_memory_mib: float
     gradient_checkpointing: bool
     world_size: int
@@ -448,6 +449,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
             epoch, position = divmod(state.step, steps_per_epoch)
             if epoch != order_epoch:
                 order_epoch, batches = epoch, length_grouped_batches(lengths, batch_size, hp.seed + epoch)
+            step_started = time.perf_counter()
             group = batches[position * grad_accum : (position + 1) * grad_accum]
             units = sum(objective.units(train_items[i]) for idx in group for i in idx)  # the whole step, all processes
             state.tokens += sum(lengths[i] for idx in group for i in idx)
@@ -470,6 +472,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            state.step_seconds += time.perf_counter() - step_started
             state.step += 1
             state.epoch, position = divmod(state.step, steps_per_epoch)
             state.next_batch, state.last_loss = position * grad_accum, step_loss
@@ -501,6 +504,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
             best_step=state.best_step, best_val_loss=state.best_val, first_val_loss=state.first_val,
             final_train_loss=state.last_loss if state.last_loss is not None else float("nan"), tokens=state.tokens,
             seconds=round(seconds, 2), tokens_per_second=round(state.tokens / max(seconds, 1e-9), 1),
+            step_tokens_per_second=round(state.tokens / max(state.step_seconds, 1e-9), 1),
             peak_memory_mib=round(peak_memory_mib(), 1), gradient_checkpointing=checkpointing,
             world_size=dist.world, stopped_early=state.step < total_steps, resumed_from_step=resumed_from,
         )
