@@ -264,3 +264,44 @@ def test_memory_plan_halves_the_batch_and_keeps_the_global_batch(monkeypatch, ti
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1e3})())
     with pytest.raises(TunewiseError, match="train.max_seq_len"):
         loop.memory_plan(tr, 8, 1, 128, "auto", 1)
+
+
+@pytest.mark.parametrize("method", ["full", "prompt_tuning", "dpo"])
+def test_tunewise_run_end_to_end_with_the_method(method, make_project, tmp_path):
+    """Every stage (baselines, train, evaluate with the trained weights, verdict, report) runs."""
+    from tunewise.evaluate.arms import FINETUNED
+    from tunewise.pipeline import run_pipeline
+
+    rows = preference_rows(60) if method == "dpo" else None
+    config = make_project(rows, extra=f"method: {method}\n{SFT[method]}eval: {{forgetting: false, max_new_tokens: 8}}\n")
+    run, verdict = run_pipeline(config, [], tmp_path / "runs", QUIET)
+    assert verdict["decision"] in ("SHIP", "DO NOT SHIP")
+    assert run.report.exists() and read_json(run.train_summary)["method"] == method
+    predictions = [json.loads(line) for line in run.predictions(FINETUNED).read_text().splitlines()]
+    assert predictions and all(isinstance(p["output"], str) for p in predictions)
+    # the trained weights were what generated: their fingerprint, not the base model's
+    assert read_json(run.metrics(FINETUNED))["model"] != read_json(run.metrics("zero_shot"))["model"]
+
+
+def test_export_of_a_full_fine_tune_and_refusals_for_prompt_tuning(make_project, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunewise.deploy.engine import check_adapter
+    from tunewise.deploy.export import export_run
+
+    run, _ = train(make_project, tmp_path / "full", "full", extra=SFT["full"])
+    written = export_run(run.root, tmp_path / "out", merge=True, console=QUIET)
+    exported = AutoModelForCausalLM.from_pretrained(written["merged"]).eval()
+    trained = AutoModelForCausalLM.from_pretrained(run.adapter).eval()
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=1e-2, atol=1e-2)
+    with pytest.raises(TunewiseError, match="full fine-tune"):
+        check_adapter("ft", run.adapter)
+
+    pt, _ = train(make_project, tmp_path / "pt", "prompt_tuning", extra=SFT["prompt_tuning"])
+    with pytest.raises(TunewiseError, match="PROMPT_TUNING adapter .* no weights to merge"):
+        export_run(pt.root, tmp_path / "out2", merge=True, console=QUIET)
+    assert not (tmp_path / "out2" / "merged").exists()
+    with pytest.raises(TunewiseError, match="cannot mix prompt-learning adapters"):
+        check_adapter("pt", pt.adapter)

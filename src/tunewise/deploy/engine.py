@@ -10,6 +10,7 @@ end-of-turn stop), so a served adapter answers what the evaluate stage recorded 
 from __future__ import annotations
 
 import copy
+import json
 import queue
 import threading
 import time
@@ -36,7 +37,17 @@ def check_adapter(name: str, path: Path) -> Path:
         raise TunewiseError(f"adapter '{name}': {'not a folder' if path.exists() else 'no such folder'}",
                             file=path, fix=fix)
     if not (path / "adapter_config.json").is_file():
-        raise TunewiseError(f"adapter '{name}': not a PEFT adapter folder (no adapter_config.json)", file=path, fix=fix)
+        whole = " (it holds a whole model: a full fine-tune; serve it as the base: tunewise serve --base FOLDER)" if (
+            path / "config.json").is_file() else ""
+        raise TunewiseError(f"adapter '{name}': not a PEFT adapter folder (no adapter_config.json){whole}",
+                            file=path, fix=fix)
+    peft_type = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    if peft_type != "LORA":
+        raise TunewiseError(
+            f"adapter '{name}': a {peft_type} adapter; the server batches LoRA/DoRA adapters on one base and "
+            f"cannot mix prompt-learning adapters with them", file=path / "adapter_config.json",
+            fix="evaluate it with tunewise eval (PEFT runs it there), or train with method: lora to serve it",
+        )
     if not (path / "adapter_model.safetensors").is_file():
         pickled = " (adapter_model.bin is a pickle, which tunewise never loads)" if (
             path / "adapter_model.bin").exists() else ""

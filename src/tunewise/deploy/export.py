@@ -35,7 +35,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def trained_adapter(run: RunDir) -> Path:
-    """The run's PEFT adapter folder; a TunewiseError if the run was not trained."""
+    """The run's trained weights: a LoRA/DoRA adapter folder, or the whole model (method: full);
+    a TunewiseError if the run was not trained or its adapter cannot be merged (prompt tuning)."""
+    if (run.adapter / "config.json").exists() and (run.adapter / "model.safetensors").exists():
+        return run.adapter  # a full fine-tune: already a model folder
+    peft_type = read_json(run.adapter / "adapter_config.json").get("peft_type") if (
+        run.adapter / "adapter_config.json").exists() else None
+    if peft_type not in (None, "LORA"):
+        raise TunewiseError(
+            f"a {peft_type} adapter (method: prompt_tuning) adds trained vectors to every prompt; it has no "
+            f"weights to merge into the model, so there is no merged model or GGUF to export",
+            file=run.adapter / "adapter_config.json",
+            fix="serve it as an adapter with PEFT (PeftModel.from_pretrained(base, adapter)), or train with "
+                "method: lora to get a mergeable adapter",
+        )
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (run.adapter / name).exists():
             raise TunewiseError("the run has no trained adapter", file=run.adapter / name,
@@ -95,9 +108,12 @@ def build_merged(base_path: Path, adapter: Path, target: Path, console: Console)
     tokenizer = load_tokenizer(tokenizer_dir(adapter, base_path))
     with progress_bar(console) as progress:
         task = progress.add_task("merge", total=3, status=f"loading {base_path.name} in float32")
-        base = load_model(base_path, dtype=torch.float32)
-        progress.update(task, advance=1, status=f"merging {adapter}")
-        model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        if not (adapter / "adapter_config.json").exists():  # method: full: the run's own model folder
+            model = load_model(adapter, dtype=torch.float32)
+        else:
+            base = load_model(base_path, dtype=torch.float32)
+            progress.update(task, advance=1, status=f"merging {adapter}")
+            model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         progress.update(task, advance=1, status=f"saving in {str(dtype).removeprefix('torch.')}")
         save_merged(model, tokenizer, target, dtype)
         progress.update(task, advance=1, status="done")
