@@ -115,7 +115,7 @@ def main() -> None:
         table.add_row(method, f"{r['trainable_params']:,}", str(r["steps"]), f"{r['step_tokens_per_second']:.0f}",
                       f"{r['tokens_per_second']:.0f}", f"{r['peak_memory_mib']:,.0f}",
                       f"{r['first_val_loss']:.4f} -> {r['best_val_loss']:.4f}", r["dtype"])
-    Console().print(table)
+    Console(width=160).print(table)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ subprocess (peak RSS is that run's own `ru_maxrss`: model, data, training); repe
 the order of the tools (A B C, C B A, ...) so drift on a shared CPU hits all of them.
 
 The tools:
-1. `tunewise`: the real `tunewise.train.sft.train_sft(run, config, console)` on a temporary run
+1. `tunewise`: the real `tunewise.train.loop.train_model(run, config, console)` on a temporary run
    folder (`RunDir`) whose data/train.jsonl is the N examples and data/val.jsonl the V validation
    examples, with the demo config and train.epochs=1, train.batch_size=B (so 1 epoch = S steps),
    lora.r=16, lora.alpha=32, train.evals_per_epoch=1, train.patience=null, train.save_every=S.
@@ -119,7 +119,7 @@ TUNED = ("trl-tuned", "trl-tuned-padded")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR, SEED = 2e-4, 0
 SETUP = {
-    "tunewise": "train_sft: bf16 weights+autocast, LoRA fp32, length-grouped, assistant-only loss and LM head",
+    "tunewise": "train_model: bf16 weights+autocast, LoRA fp32, length-grouped, assistant-only loss and LM head",
     "trl-default": "SFTConfig defaults: fp32 weights, bf16 autocast, grad checkpointing, all-token loss, padded",
     "trl-tuned": "completion-only loss, padding_free, bf16 weights+autocast, no grad checkpointing",
     "trl-tuned-padded": "completion-only loss, group_by_length padding, bf16 weights+autocast, no grad ckpt",
@@ -255,7 +255,7 @@ def child_tunewise(spec: dict, work: Path) -> dict:
     from tunewise.config import dump_config, load_config
     from tunewise.runs import RunDir, atomic_write_text
     from tunewise.train.checkpoint import list_checkpoints
-    from tunewise.train.sft import train_sft
+    from tunewise.train.loop import train_model
 
     config = load_config(spec["config"])
     config.train.epochs, config.train.batch_size = 1, spec["batch_size"]
@@ -269,13 +269,13 @@ def child_tunewise(spec: dict, work: Path) -> dict:
     shutil.copy(spec["val"], run.split("val"))
     atomic_write_text(run.config, dump_config(config))
     clock = StepClock()
-    summary = train_sft(run, config, Console(file=sys.stderr, width=120))
+    summary = train_model(run, config, Console(file=sys.stderr, width=120))
     final = list_checkpoints(run.checkpoints)
     if summary.steps != spec["steps"] or not final:
         raise SystemExit(f"tunewise ran {summary.steps} steps (wanted {spec['steps']}); checkpoints: {final}")
     return {"clock": clock, "tool_tokens": summary.tokens, "final_loss": summary.final_train_loss,
             "adapter": str(final[-1]), "steps": summary.steps,
-            "notes": [f"train_sft derived: {summary.dtype}, batch {summary.batch_size}, {summary.epochs} epoch, "
+            "notes": [f"train_model derived: {summary.dtype}, batch {summary.batch_size}, {summary.epochs} epoch, "
                       f"max_seq_len {summary.max_seq_len}, {summary.trainable_params:,} trainable"]}
 
 
@@ -434,7 +434,7 @@ def main() -> None:
     from tunewise.data import load_split
     from tunewise.models import load_tokenizer, resolve_base
     from tunewise.runs import atomic_write_jsonl
-    from tunewise.train.sft import derive_batch_size
+    from tunewise.train.loop import derive_batch_size
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, printed by PEFT loads
     console = Console(width=160)

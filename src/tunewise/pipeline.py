@@ -53,18 +53,35 @@ from tunewise.train.loop import check_method_fits_data, train_model
 def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, Config]:
     """Validate config, model and data, then create the run folder with config and data splits."""
     config = load_config(config_path, overrides)
+    data = prepare_data(config, config_path, console)
+    run = new_run_dir(runs_root, config.task.name)
+    atomic_write_text(run.config, dump_config(config))
+    run.set_status("running")
+    write_data(run, config, data, console)
+    return run, config
+
+
+def prepare_data(config: Config, config_path: str | Path, console: Console,
+                 methods_of: list[Config] = ()) -> tuple:
+    """Read, validate, clean and split the data in memory (nothing written); the method (and
+    each of `methods_of`'s) must fit it. Returns (prepared, settings, tokenizer)."""
     tokenizer = load_tokenizer(resolve_base(config.model.base))
     settings = DataSettings.from_config(config)
     prepared = prepare([Path(p) for p in config.data.paths], settings, tokenizer=tokenizer,
                        log=lambda m: console.print(Text.assemble(("data ", "bold"), m)))
-    check_method_fits_data(config, [e for split in prepared.splits.values() for e in split], config_path)
-    run = new_run_dir(runs_root, config.task.name)
-    atomic_write_text(run.config, dump_config(config))
-    run.set_status("running")
+    examples = [e for split in prepared.splits.values() for e in split]
+    for each in (config, *methods_of):
+        check_method_fits_data(each, examples, config_path)
+    return prepared, settings, tokenizer
+
+
+def write_data(run: RunDir, config: Config, data: tuple, console: Console) -> dict:
+    """The prepared splits, manifest and data report into the run folder; prints the summary."""
+    prepared, settings, tokenizer = data
     manifest = write_prepared(prepared, run.data, settings,
                               preview=preview_rows(tokenizer, prepared.splits["train"], config.task.system_prompt))
     print_data_summary(console, manifest, prepared.problems)
-    return run, config
+    return manifest
 
 
 def print_data_summary(console: Console, manifest: dict, problems: list) -> None:

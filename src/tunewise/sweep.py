@@ -23,10 +23,9 @@ from rich.console import Console
 from rich.text import Text
 
 from tunewise.config import Config, dump_config, load_config
-from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
+from tunewise.data import DataSettings
 from tunewise.errors import TunewiseError
-from tunewise.models import load_tokenizer, resolve_base
-from tunewise.pipeline import STAGES, print_data_summary, run_stages, stage_decide
+from tunewise.pipeline import STAGES, prepare_data, run_stages, stage_decide, write_data
 from tunewise.report.plots import sweep_best_plot, sweep_curves_plot
 from tunewise.runs import (
     RunDir,
@@ -210,17 +209,12 @@ def run_sweep(config_path: str | Path, grid_options: list[str], overrides: list[
 
     # the data split, prepared once (bad data is found before the sweep folder is created)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(resolve_base(base.model.base))
-    settings = DataSettings.from_config(base)
-    prepared = prepare([Path(p) for p in base.data.paths], settings, tokenizer=tokenizer,
-                       log=lambda m: console.print(Text.assemble(("data ", "bold"), m)))
+    data = prepare_data(base, config_path, console, methods_of=configs)
     root = new_run_dir(runs_root, f"{base.task.name}-sweep").root
     runs = [trial_run(root, trial) for trial in trials]
     first = runs[0]
     atomic_write_text(first.config, dump_config(configs[0]))
-    manifest = write_prepared(prepared, first.data, settings,
-                              preview=preview_rows(tokenizer, prepared.splits["train"], base.task.system_prompt))
-    print_data_summary(console, manifest, prepared.problems)
+    manifest = write_data(first, base, data, console)
     stage_decide(first, configs[0], console)
     for run, config in zip(runs[1:], configs[1:]):  # same data settings (checked above): same split
         atomic_write_text(run.config, dump_config(config))

@@ -44,7 +44,7 @@ from tunewise.train.checkpoint import (
 )
 from tunewise.train.distributed import init_distributed
 from tunewise.train.loss import sequence_logprobs, supervised_loss
-from tunewise.train.methods import Trainable, build, learning_rate, peak_memory_mib
+from tunewise.train.methods import Trainable, build, cpu_fast_path, learning_rate, peak_memory_mib
 from tunewise.train.preference import Pair, dpo_losses, encode_pair, orpo_losses
 from tunewise.train.tokenize import IGNORE, Encoded, encode_chat
 
@@ -350,6 +350,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
     # --- model: the method's trainable weights in fp32, the rest frozen in the compute dtype
     dtype = compute_dtype() if hp.precision == "auto" else PRECISION[hp.precision]
     tr = build(config, base_path, dtype)
+    fast = cpu_fast_path(tr, dtype, max_seq_len)
     if torch.cuda.is_available() and method != "qlora":
         tr.model.to(dist.device)
     preference = method in PREFERENCE_METHODS
@@ -402,7 +403,8 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
         f"{f' x {dist.world} processes' if dist.active else ''}, {epochs} epoch(s) = {total_steps} steps; "
         f"lr {lr:g}{'' if hp.lr else ' (default for ' + method + ')'} {hp.schedule}, warmup {hp.warmup_ratio:g}, "
         f"weight decay {hp.weight_decay:g}; {tr.n_params:,} trainable params; gradient checkpointing "
-        f"{'on' if checkpointing else 'off'}; val every {eval_every} steps"
+        f"{'on' if checkpointing else 'off'}{'; CPU path: ' + ', '.join(fast) if fast else ''}; "
+        f"val every {eval_every} steps"
         f"{f', stop after {hp.patience} without a new best' if hp.patience else ''}, "
         f"checkpoint every {save_every} (keep {hp.keep_checkpoints})"
     )

@@ -145,3 +145,62 @@ def peak_memory_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class CheapDropout(torch.nn.Module):
+    """Dropout whose mask costs a quarter of a random draw per element.
+
+    torch's CPU `bernoulli_` draws one number per element on one thread; on the LoRA inputs of
+    every q/k/v/o module that was 14% of a training step (bench/README.md). Here one 64-bit draw
+    gives four 15-bit uniforms, each kept when >= round(p * 2^15): independent Bernoulli masks with
+    p within 2^-16 of the asked rate, scaled exactly by 1 / keep probability, drawn from torch's
+    own generator (so seeds and checkpointed RNG states still reproduce a run)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 32768)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        keep = (words.view(torch.int16)[:n].view(x.shape) & 0x7FFF) >= self.threshold
+        return torch.where(keep, x * (32768 / (32768 - self.threshold)), 0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[str]:
+    """The CPU training levers that pay (bench/README.md has each one's measured gain).
+
+    - LoRA dropout masks from CheapDropout instead of one bernoulli draw per element;
+    - LoRA inputs stay in the 16-bit compute dtype (PEFT casts them to the fp32 adapter weights'
+      dtype, and autocast casts them straight back for the matrix product);
+    - eager attention instead of SDPA's CPU flash kernel, which is slower at these lengths; only
+      up to 512 tokens, since eager keeps every (T x T) attention matrix for the backward pass.
+    Returns what was switched on, for the start-of-training line."""
+    if torch.cuda.is_available():
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    used = []
+    replaced = 0
+    for module in tr.model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "lora_dropout"):
+            for name, dropout in module.lora_dropout.items():
+                if isinstance(dropout, torch.nn.Dropout):
+                    module.lora_dropout[name] = CheapDropout(dropout.p)
+                    replaced += 1
+            if dtype != torch.float32:
+                module.cast_input_dtype_enabled = False
+    if replaced:
+        used.append("cheap dropout masks")
+    if dtype != torch.float32 and tr.is_adapter:
+        used.append("16-bit LoRA inputs")
+    if max_seq_len <= 512:
+        tr.causal_lm.set_attn_implementation("eager")
+        used.append("eager attention")
+    return used
