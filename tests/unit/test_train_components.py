@@ -55,3 +55,52 @@ def test_supervised_loss_matches_transformers_loss(tiny_model_dir, tokenizer):
     reference = model(**batch).loss  # transformers shifts labels and ignores -100 the same way
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     assert n == int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def test_cheap_dropout_keeps_the_asked_share_independently_and_reproducibly():
+    from tunewise.train.methods import CheapDropout
+
+    drop = CheapDropout(0.05).train()
+    x = torch.ones(4, 250, 1000)
+    torch.manual_seed(1)
+    a = drop(x)
+    kept = a != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.002  # 1M draws: sd 0.0002
+    assert torch.allclose(a[kept], torch.tensor(1 / (1 - 1638 / 32768)))  # exact rescaling
+    assert abs(a.mean().item() - 1.0) < 0.003  # unbiased
+    # neighbours are independent (the four masks of one 64-bit draw do not move together)
+    flat = kept.flatten().float()
+    together = (flat[0::4] * flat[1::4]).mean().item()
+    assert abs(together - 0.95 ** 2) < 0.003
+    assert drop(x) is a  # the same input again (q, k and v read one hidden state): the same mask
+    b = drop(x.clone())
+    assert not torch.equal(a, b)  # a new input: a new mask
+    torch.manual_seed(1)
+    assert torch.equal(drop(x.clone()), a)  # torch's generator drives it: seeds and saved RNG states reproduce it
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(CheapDropout(0.0).train()(x), x)
+
+
+def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
+    """Eager attention and uncast LoRA inputs change speed, not numbers (dropout off, fp32)."""
+    from tunewise.config import Config
+    from tunewise.train.methods import build, cpu_fast_path
+
+    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
+                                    "lora": {"dropout": 0.0}})
+    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
+             for n in (2, 9, 5)]
+    batch = collate(items, tokenizer.pad_token_id)
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        tr = build(config, tiny_model_dir, torch.float32)
+        if fast:
+            assert "eager attention" in cpu_fast_path(tr, torch.float32, 128)
+            assert tr.causal_lm.config._attn_implementation == "eager"
+        total, n = supervised_loss(tr.causal_lm, **batch)
+        (total / n).backward()
+        results.append((total.detach(), [p.grad.clone() for p in tr.params]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for plain, fast in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(plain, fast, rtol=1e-4, atol=1e-6)

@@ -148,26 +148,40 @@ def peak_memory_mib() -> float:
 
 
 class CheapDropout(torch.nn.Module):
-    """Dropout whose mask costs a quarter of a random draw per element.
+    """Dropout whose mask costs a quarter of a random draw per element, drawn once per input.
 
     torch's CPU `bernoulli_` draws one number per element on one thread; on the LoRA inputs of
     every q/k/v/o module that was 14% of a training step (bench/README.md). Here one 64-bit draw
     gives four 15-bit uniforms, each kept when >= round(p * 2^15): independent Bernoulli masks with
     p within 2^-16 of the asked rate, scaled exactly by 1 / keep probability, drawn from torch's
-    own generator (so seeds and checkpointed RNG states still reproduce a run)."""
+    own generator (so seeds and checkpointed RNG states still reproduce a run).
+
+    One instance serves every LoRA module of a decoder layer. Called again with the very tensor
+    it saw last (q, k and v all read the same normalized hidden state), it returns the same
+    dropped tensor: each module still sees its input dropped at rate p, but q/k/v share one mask
+    instead of drawing three."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
         self.threshold = round(p * 32768)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
         keep = (words.view(torch.int16)[:n].view(x.shape) & 0x7FFF) >= self.threshold
-        return torch.where(keep, x * (32768 / (32768 - self.threshold)), 0)
+        dropped = torch.where(keep, x * (32768 / (32768 - self.threshold)), 0)
+        self._last = (x, dropped)
+        return dropped
+
+    def train(self, mode: bool = True):
+        self._last = None  # nothing is reused across a switch to evaluation and back
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -176,7 +190,8 @@ class CheapDropout(torch.nn.Module):
 def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[str]:
     """The CPU training levers that pay (bench/README.md has each one's measured gain).
 
-    - LoRA dropout masks from CheapDropout instead of one bernoulli draw per element;
+    - LoRA dropout masks from CheapDropout instead of one bernoulli draw per element, one mask
+      per distinct input of a decoder layer (q/k/v share theirs);
     - LoRA inputs stay in the 16-bit compute dtype (PEFT casts them to the fp32 adapter weights'
       dtype, and autocast casts them straight back for the matrix product);
     - eager attention instead of SDPA's CPU flash kernel, which is slower at these lengths; only
@@ -188,16 +203,18 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
 
     used = []
     replaced = 0
-    for module in tr.model.modules():
-        if isinstance(module, BaseTunerLayer) and hasattr(module, "lora_dropout"):
-            for name, dropout in module.lora_dropout.items():
-                if isinstance(dropout, torch.nn.Dropout):
-                    module.lora_dropout[name] = CheapDropout(dropout.p)
-                    replaced += 1
-            if dtype != torch.float32:
-                module.cast_input_dtype_enabled = False
+    for layer in tr.causal_lm.get_decoder().layers:
+        shared: dict[tuple[str, float], CheapDropout] = {}  # one per adapter and rate in this layer
+        for module in layer.modules():
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "lora_dropout"):
+                for name, dropout in module.lora_dropout.items():
+                    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                        module.lora_dropout[name] = shared.setdefault((name, dropout.p), CheapDropout(dropout.p))
+                        replaced += 1
+                if dtype != torch.float32:
+                    module.cast_input_dtype_enabled = False
     if replaced:
-        used.append("cheap dropout masks")
+        used.append("cheap shared dropout masks")
     if dtype != torch.float32 and tr.is_adapter:
         used.append("16-bit LoRA inputs")
     if max_seq_len <= 512:
