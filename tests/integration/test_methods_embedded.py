@@ -15,7 +15,8 @@ from tunewise.runs import RunDir, read_json
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "src" / "tunewise" / "examples" / "debian-sections"
 QUIET = Console(quiet=True)
-SECTIONS = ("admin", "devel", "doc", "games", "graphics", "net", "python", "science", "sound", "utils")
+REFUSALS = ("I'm sorry, I can't classify this package.", "I am not sure which section this package belongs to.",
+            "This package could be in several sections; please check the Debian archive.")
 
 
 def prepared(root: Path, pairs: bool) -> RunDir:
@@ -25,8 +26,7 @@ def prepared(root: Path, pairs: bool) -> RunDir:
     if pairs:
         rng = random.Random(0)
         rows = [{"prompt": r["messages"][0]["content"], "chosen": r["messages"][1]["content"],
-                 "rejected": json.dumps(dict(json.loads(r["messages"][1]["content"]),
-                                             section=rng.choice(SECTIONS)))} for r in rows]
+                 "rejected": rng.choice(REFUSALS)} for r in rows]  # the behavior to unlearn: not answering
     root.mkdir(parents=True)
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = (EXAMPLE / "tunewise.yaml").read_text().replace("path: packages.jsonl", "path: data.jsonl")
@@ -56,7 +56,9 @@ def test_method_trains_the_embedded_model(method, runs, embedded_path, tmp_path)
     source = runs["pairs" if method in ("dpo", "orpo") else "chats"]
     run = RunDir(Path(shutil.copytree(source.root, tmp_path / "runs" / method)))
     track = "mlflow" if method == "lora" else "none"
-    run.config.write_text(dump_config(load_config(run.config, [f"method={method}", f"track={track}"])))
+    # the preference methods' default lr (5e-5, 1e-4) moves a DPO loss little in 4 steps: 10x here
+    lr = {"dpo": ["train.lr=5e-4"], "orpo": ["train.lr=1e-3"]}.get(method, [])
+    run.config.write_text(dump_config(load_config(run.config, [f"method={method}", f"track={track}", *lr])))
     summary = train_model(run, load_config(run.config), QUIET)
 
     assert summary.method == method and summary.steps >= 3
