@@ -355,8 +355,8 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
         tr.model.to(dist.device)
     preference = method in PREFERENCE_METHODS
     batch_size = hp.batch_size or derive_batch_size(lengths)
-    batch_size, grad_accum, checkpointing, memory_note = memory_plan(
-        tr, batch_size, hp.grad_accum, max_seq_len, hp.gradient_checkpointing, 2 if preference else 1)
+    batch_size, grad_accum, checkpointing, memory_note = dist.broadcast(memory_plan(  # one plan for all processes
+        tr, batch_size, hp.grad_accum, max_seq_len, hp.gradient_checkpointing, 2 if preference else 1))
     if checkpointing:
         tr.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     epochs = hp.epochs or derive_epochs(len(train_items))
