@@ -207,6 +207,13 @@ def test_bad_adapters_are_clear_errors(tmp_path, tiny_model_dir, adapters):
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(TunewiseError, match="pickle"):
         check_adapter("x", tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "adapter_config.json").write_text("[1]")
+    with pytest.raises(TunewiseError, match="not a JSON object"):
+        check_adapter("x", tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    with pytest.raises(TunewiseError, match="a PREFIX_TUNING adapter; the server batches LoRA"):
+        check_adapter("x", tmp_path)
     with pytest.raises(TunewiseError, match="taken by the base"):
         create_app(str(tiny_model_dir), {"base": adapters["a"]})
 

@@ -71,11 +71,11 @@ def test_every_grid_point_is_a_trial_with_its_settings_and_the_argmin_wins(tmp_p
 
 
 def test_data_is_prepared_once_and_every_trial_trains_on_the_same_split(tmp_path, make_project, monkeypatch, capsys):
-    from tunewise import sweep as sweep_module
+    from tunewise import pipeline
 
     calls = []
-    real = sweep_module.prepare
-    monkeypatch.setattr(sweep_module, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline.prepare
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
     root, result, _ = sweep(monkeypatch, capsys, make_project(extra=NO_TRACKING),
                             "--grid", "lora.r=4,8,16", "--set", "train.epochs=1")
     assert len(calls) == 1

@@ -41,19 +41,24 @@ def check_adapter(name: str, path: Path) -> Path:
             path / "config.json").is_file() else ""
         raise TunewiseError(f"adapter '{name}': not a PEFT adapter folder (no adapter_config.json){whole}",
                             file=path, fix=fix)
-    peft_type = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
-    if peft_type != "LORA":
-        raise TunewiseError(
-            f"adapter '{name}': a {peft_type} adapter; the server batches LoRA/DoRA adapters on one base and "
-            f"cannot mix prompt-learning adapters with them", file=path / "adapter_config.json",
-            fix="evaluate it with tunewise eval (PEFT runs it there), or train with method: lora to serve it",
-        )
     if not (path / "adapter_model.safetensors").is_file():
         pickled = " (adapter_model.bin is a pickle, which tunewise never loads)" if (
             path / "adapter_model.bin").exists() else ""
         raise TunewiseError(
             f"adapter '{name}': no adapter_model.safetensors{pickled}", file=path,
             fix="save the adapter as safetensors: model.save_pretrained(folder, safe_serialization=True)",
+        )
+    try:
+        peft_type = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (ValueError, AttributeError) as err:
+        raise TunewiseError(f"adapter '{name}': adapter_config.json is not a JSON object ({err})",
+                            file=path / "adapter_config.json", fix=fix)
+    if peft_type != "LORA":
+        what = f"a {peft_type} adapter" if peft_type else "adapter_config.json names no peft_type"
+        raise TunewiseError(
+            f"adapter '{name}': {what}; the server batches LoRA/DoRA adapters on one base and "
+            f"cannot mix prompt-learning adapters with them", file=path / "adapter_config.json",
+            fix="evaluate it with tunewise eval (PEFT runs it there), or train with method: lora to serve it",
         )
     return path
 
