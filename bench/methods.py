@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "src" / "tunewise" / "examples" / "debian-sections"
-METHODS = ("lora", "dora", "qlora", "full", "prompt_tuning", "dpo", "orpo")
 SECTIONS = ("admin", "devel", "doc", "games", "graphics", "net", "python", "science", "sound", "utils")
 
 CHILD = """
@@ -76,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    from tunewise.config import METHODS
+
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -83,15 +84,15 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tunewise.config import dump_config, load_config
+    from tunewise.config import PREFERENCE_METHODS, dump_config, load_config
     from tunewise.runs import RunDir
 
     workdir = Path(tempfile.mkdtemp(prefix="tunewise-methods-"))
     prepared = {kind: prepare(workdir / kind, args.examples, args.batch_size, kind == "pairs")
-                for kind in ("chats", "pairs") if any((m in ("dpo", "orpo")) == (kind == "pairs") for m in methods)}
+                for kind in ("chats", "pairs") if any((m in PREFERENCE_METHODS) == (kind == "pairs") for m in methods)}
     results = {}
     for method in methods:
-        source = prepared["pairs" if method in ("dpo", "orpo") else "chats"]
+        source = prepared["pairs" if method in PREFERENCE_METHODS else "chats"]
         run = Path(shutil.copytree(source, workdir / f"run-{method}"))
         config_file = RunDir(run).config
         config_file.write_text(dump_config(load_config(config_file, [f"method={method}"])))

@@ -81,9 +81,9 @@ class ModelConfig(_Strict):
     )
 
 
-METHODS = ("lora", "dora", "qlora", "full", "prompt_tuning", "dpo", "orpo")
-PREFERENCE_METHODS = ("dpo", "orpo")
 Method = Literal["lora", "dora", "qlora", "full", "prompt_tuning", "dpo", "orpo"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+PREFERENCE_METHODS = ("dpo", "orpo")
 
 
 class LoraConfig(_Strict):

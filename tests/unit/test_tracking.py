@@ -60,7 +60,7 @@ def make_run(runs: Path, config: Config) -> RunDir:
 
 
 def train(config: Config, run: RunDir, rows=ROWS, fail: BaseException | None = None) -> str:
-    """What train_sft does with the tracker; returns what the console printed."""
+    """What the train loop (train_model) does with the tracker; returns what the console printed."""
     out = io.StringIO()
     console = Console(file=out, width=80)
     with open_tracker(config, run, console) as tracker:
