@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+import pytest
 
 SECTIONS = ["games", "net", "sound", "utils"]
 
@@ -25,3 +28,15 @@ def label_rows(n: int, seed: int = 0) -> list[dict]:
             {"role": "assistant", "content": json.dumps({"section": section})},
         ]})
     return rows
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`tunewise ARGS` through its real entry point (exit codes and error printing included):
+    (exit code, stdout + stderr)."""
+    from tunewise.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out + out.err

@@ -5,16 +5,9 @@ import sys
 
 import pytest
 
-from tests.helpers import label_rows, write_jsonl
-from tunewise.cli import main
+from tests.helpers import label_rows, run_cli, write_jsonl
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out + out.err
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.helpers import SECTIONS, label_rows
+from tests.helpers import SECTIONS, label_rows, run_cli
 from tunewise.errors import TunewiseError
 from tunewise.runs import read_json
 from tunewise.train import loop, methods
@@ -193,14 +193,6 @@ def test_dpo_loss_from_sequence_logprobs_matches_a_direct_computation(tiny_model
     torch.testing.assert_close(margin, torch.full((3,), 0.15))
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from tunewise.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out + out.err
 
 
 @pytest.mark.parametrize("method, rows, expected", [
@@ -304,3 +296,24 @@ def test_export_of_a_full_fine_tune_and_refusals_for_prompt_tuning(make_project,
     assert not (tmp_path / "out2" / "merged").exists()
     with pytest.raises(TunewiseError, match="cannot mix prompt-learning adapters"):
         check_adapter("pt", pt.adapter)
+
+
+def test_qlora_where_bitsandbytes_cannot_run_is_a_clear_error(make_project, tmp_path, monkeypatch):
+    """A model whose layers are not whole 64-value blocks (the 32-wide tiny llama), and a device
+    without a bitsandbytes backend (simulated), both stop before training with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    from tunewise.pipeline import start_run
+
+    run, cfg = start_run(make_project(extra="method: qlora\n"), [], tmp_path / "runs", QUIET)
+    with pytest.raises(TunewiseError) as err:
+        loop.train_model(run, cfg, QUIET)
+    assert "whole blocks of 64" in str(err.value) and "q_proj (32)" in str(err.value)
+    assert "method: lora" in str(err.value) and not run.checkpoints.exists()
+
+    def no_backend(*args, **kwargs):
+        raise NotImplementedError("no bitsandbytes backend for device 'xpu'")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_backend)
+    with pytest.raises(TunewiseError, match="cannot quantize this model to 4 bits on this machine: no bitsandbytes"):
+        loop.train_model(run, cfg, QUIET)

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from tests.helpers import label_rows, write_jsonl
+from tests.helpers import label_rows, run_cli, write_jsonl
 from tunewise.config import load_config
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, read_json, sha256_file
@@ -188,14 +188,6 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert_same_weights(run.adapter, reference.adapter)
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from tunewise.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out + out.err
 
 
 def test_resume_with_changed_training_settings_exits_2_naming_the_keys(prepared, tmp_path, monkeypatch, capsys):

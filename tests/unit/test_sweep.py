@@ -3,13 +3,12 @@ grid point, one data split, the argmin of validation loss wins, resume and failu
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tunewise.cli import main
+from tests.helpers import run_cli
 from tunewise.config import load_config
 from tunewise.runs import read_json, sha256_file
 
@@ -17,12 +16,6 @@ NO_TRACKING = "track: none\n"
 GRID_2X2 = ["--grid", "train.lr=0.001,0.05", "--grid", "lora.r=4,8", "--set", "train.epochs=1"]
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["tunewise", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out + out.err
 
 
 def sweep(monkeypatch, capsys, config: Path, *args) -> tuple[Path, dict, str]:

@@ -81,16 +81,22 @@ def _quantized_base(base_path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+                               bnb_4bit_compute_dtype=dtype)
+    fix = "use method: lora (the same adapter on a 16-bit base)"
     try:
-        return AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype,
-                                                    use_safetensors=True)
-    except (RuntimeError, ValueError, NotImplementedError) as err:
-        raise TunewiseError(
-            f"bitsandbytes cannot quantize this model to 4 bits on this machine: {err}",
-            field="method",
-            fix="use method: lora (same adapter on a 16-bit base), or a machine where bitsandbytes has a backend",
-        )
+        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype,
+                                                     use_safetensors=True)
+    except (RuntimeError, ValueError, NotImplementedError) as err:  # no bitsandbytes backend for this device
+        raise TunewiseError(f"bitsandbytes cannot quantize this model to 4 bits on this machine: {err}",
+                            field="method", fix=f"{fix}, or a machine where bitsandbytes has a backend")
+    # bitsandbytes quantizes each weight row in blocks of 64; its kernels fail on rows that are not
+    # whole blocks (a 32-wide layer dies mid-forward with "shape '[32, 0]' is invalid")
+    narrow = sorted({f"{name.rsplit('.', 1)[-1]} ({module.in_features})" for name, module in model.named_modules()
+                     if type(module).__name__ == "Linear4bit" and module.in_features % 64})
+    if narrow:
+        raise TunewiseError(f"bitsandbytes' 4-bit layers need inputs in whole blocks of 64 values; this model's "
+                            f"{', '.join(narrow)} are not", field="method", fix=fix)
+    return model
 
 
 def build(config: Config, base_path: Path, dtype: torch.dtype) -> Trainable:
@@ -101,7 +107,7 @@ def build(config: Config, base_path: Path, dtype: torch.dtype) -> Trainable:
     if method == "full":
         model = load_model(base_path, dtype=torch.float32)  # fp32 master weights; autocast computes in `dtype`
         model.config.use_cache = False
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
         for p in params:
             p.requires_grad_(True)
         return Trainable(model, model, params, None, "full fine-tuning (every weight, fp32 master copy)")
