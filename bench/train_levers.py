@@ -12,7 +12,8 @@ AdamW); repeats alternate the order. Variants, cumulative:
                  nn.Dropout (one bernoulli draw per element)
   +eager         eager attention (matmul + softmax) instead of SDPA
   +bf16-inputs   LoRA inputs left in bf16 (PEFT's cast to the fp32 adapter dtype switched off)
-  +cheap-dropout CheapDropout masks: tunewise's default path (methods.cpu_fast_path)
+  +cheap-dropout CheapDropout masks (one 0/1 mask per distinct input of a layer, numpy PCG64 bits)
+  +fused-norm    RMSNorm through FusedRMSNorm: tunewise's default path (fast.cpu_fast_path)
   no-dropout     reference: the default path with dropout 0 (what dropout still costs)
   +compile       the default path with every decoder layer under torch.compile (dynamic shapes);
                  the warm-up steps include the compilation
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "+eager", "+bf16-inputs", "+cheap-dropout", "no-dropout", "+compile")
+VARIANTS = ("plain", "+eager", "+bf16-inputs", "+cheap-dropout", "+fused-norm", "no-dropout", "+compile")
 
 
 def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -> dict:
@@ -38,7 +39,7 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
     from tunewise.config import load_config
     from tunewise.data import load_split
     from tunewise.models import compute_dtype, load_tokenizer, resolve_base
-    from tunewise.train import methods
+    from tunewise.train import fast, methods
     from tunewise.train.batches import collate, length_grouped_batches
     from tunewise.train.loop import encode_items
     from tunewise.train.loss import supervised_loss
@@ -54,7 +55,11 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
     tr = methods.build(config, base, dtype)
     level = VARIANTS.index(variant) if variant not in ("no-dropout", "+compile") else len(VARIANTS)
     if level >= VARIANTS.index("+cheap-dropout"):
-        methods.cpu_fast_path(tr, dtype, 512)
+        fast.cpu_fast_path(tr, dtype, 512)
+        if variant == "+cheap-dropout":  # every lever but the fused norm: back to the module's own forward
+            for module in tr.causal_lm.modules():
+                if "forward" in vars(module):
+                    del module.forward
         if variant == "+compile":  # every decoder layer through inductor, shapes dynamic (lengths vary)
             for layer in tr.causal_lm.model.layers:
                 layer.compile(dynamic=True)
@@ -84,10 +89,11 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for idx in batches[2 : 2 + steps]:
                 step(idx)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45), file=sys.stderr)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40), file=sys.stderr)
         return {}
     started, tokens = time.perf_counter(), 0
     for idx in batches[2 : 2 + steps]:

@@ -58,7 +58,7 @@ def test_supervised_loss_matches_transformers_loss(tiny_model_dir, tokenizer):
 
 
 def test_cheap_dropout_keeps_the_asked_share_independently_and_reproducibly():
-    from tunewise.train.methods import CheapDropout
+    from tunewise.train.fast import CheapDropout
 
     drop = CheapDropout(0.05).train()
     x = torch.ones(4, 250, 1000)
@@ -66,7 +66,7 @@ def test_cheap_dropout_keeps_the_asked_share_independently_and_reproducibly():
     a = drop(x)
     kept = a != 0
     assert abs(kept.float().mean().item() - 0.95) < 0.002  # 1M draws: sd 0.0002
-    assert torch.allclose(a[kept], torch.tensor(1 / (1 - 1638 / 32768)))  # exact rescaling
+    assert torch.allclose(a[kept], torch.tensor(1 / (1 - 3277 / 65536)))  # exact rescaling
     assert abs(a.mean().item() - 1.0) < 0.003  # unbiased
     # neighbours are independent (the four masks of one 64-bit draw do not move together)
     flat = kept.flatten().float()
@@ -81,10 +81,58 @@ def test_cheap_dropout_keeps_the_asked_share_independently_and_reproducibly():
     assert torch.equal(CheapDropout(0.0).train()(x), x)
 
 
+def test_cheap_dropout_in_bf16_applies_an_exact_0_1_mask():
+    from tunewise.train.fast import CheapDropout
+
+    drop = CheapDropout(0.1).train()
+    x = (torch.randn(64, 1000) + 5).to(torch.bfloat16).requires_grad_(True)  # no zeros to confuse with drops
+    torch.manual_seed(3)
+    y = drop(x)
+    assert y.dtype == torch.bfloat16
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 64k draws: sd 0.0012
+    # kept values are x / keep probability, rounded once to bf16 as `x * scale` rounds them
+    assert torch.equal(y[kept], (x * drop.scale)[kept])
+    y.float().sum().backward()  # the gradient: the mask times the scale, nothing else
+    assert torch.equal(x.grad, torch.where(kept, torch.tensor(drop.scale, dtype=torch.bfloat16), 0))
+
+
+def test_fused_rms_norm_matches_transformers_rms_norm():
+    """Same forward bits, same input and weight gradients as LlamaRMSNorm under autograd, in the
+    dtypes the methods use: bf16 activations with a bf16 weight (LoRA) or an fp32 weight (full)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tunewise.train.fast import FusedRMSNorm, _is_llama_rms_norm
+
+    torch.manual_seed(0)
+    for x_dtype, w_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                             (torch.bfloat16, torch.float32)):
+        norm = LlamaRMSNorm(96, eps=1e-5).to(w_dtype)
+        assert _is_llama_rms_norm(norm)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        x = (torch.randn(3, 7, 96) * 4).to(x_dtype)
+        grad = torch.randn(3, 7, 96).to(torch.promote_types(x_dtype, w_dtype))
+        results = []
+        for fused in (False, True):
+            xi = x.clone().requires_grad_(True)
+            norm.weight.grad = None
+            out = FusedRMSNorm.apply(xi, norm.weight, norm.variance_epsilon) if fused else norm(xi)
+            out.backward(grad)
+            results.append((out.detach(), xi.grad, norm.weight.grad.clone()))
+        (ref_out, ref_gx, ref_gw), (out, gx, gw) = results
+        assert out.dtype == ref_out.dtype and torch.equal(out, ref_out)
+        tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(gx, ref_gx, rtol=tol, atol=tol)
+        torch.testing.assert_close(gw, ref_gw, rtol=tol, atol=tol)
+        assert gx.dtype == x_dtype and gw.dtype == w_dtype
+
+
 def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
     """Eager attention and uncast LoRA inputs change speed, not numbers (dropout off, fp32)."""
     from tunewise.config import Config
-    from tunewise.train.methods import build, cpu_fast_path
+    from tunewise.train.fast import cpu_fast_path
+    from tunewise.train.methods import build
 
     config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
                                     "lora": {"dropout": 0.0}})

@@ -43,8 +43,9 @@ from tunewise.train.checkpoint import (
     save_checkpoint,
 )
 from tunewise.train.distributed import init_distributed
+from tunewise.train.fast import cpu_fast_path
 from tunewise.train.loss import sequence_logprobs, supervised_loss
-from tunewise.train.methods import Trainable, build, cpu_fast_path, learning_rate, peak_memory_mib
+from tunewise.train.methods import Trainable, build, learning_rate, peak_memory_mib
 from tunewise.train.preference import Pair, dpo_losses, encode_pair, orpo_losses
 from tunewise.train.tokenize import IGNORE, Encoded, encode_chat
 

@@ -1,0 +1,158 @@
+"""The CPU training levers that pay: what `cpu_fast_path` switches on (bench/README.md has each
+one's measured gain, and bench/train_levers.py re-measures them).
+
+None of them changes what is computed, only how: the dropout still drops each LoRA input at
+rate p (q/k/v now share one mask), the normalization gives the same forward values bit for bit,
+and eager attention is the textbook formula. Tests compare each against the plain path.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+
+from tunewise.train.methods import Trainable
+
+EAGER_UP_TO = 512  # tokens: eager attention keeps every (T x T) score matrix for the backward pass
+
+
+class CheapDropout(torch.nn.Module):
+    """Dropout whose mask is cheap to draw and cheap to apply, drawn once per input.
+
+    torch's CPU `bernoulli_` draws one number per element on one thread, and `where`-style masking
+    takes two passes each way; on the LoRA inputs of every q/k/v/o module that was 14% of a training
+    step (bench/README.md). Here one 64-bit word of numpy's PCG64 (seeded by one draw from torch's
+    generator, so seeds and checkpointed RNG states still reproduce a run) gives four 16-bit
+    uniforms, each kept when >= round(p * 2^16) on the unsigned scale: independent Bernoulli masks
+    with p within 2^-17 of the asked rate. The mask is built as 0/1 values in the input's dtype, so
+    applying it is one plain multiply forward and one backward, and the kept values are scaled by
+    exactly 1 / keep probability.
+
+    One instance serves every LoRA module of a decoder layer. Called again with the very tensor it
+    saw last (q, k and v all read the same normalized hidden state), it returns the same dropped
+    tensor: each module still sees its input dropped at rate p, but q/k/v share one mask instead of
+    drawing three."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65536)
+        self.scale = 65536 / (65536 - self.threshold)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        if x.device.type != "cpu":
+            dropped = torch.nn.functional.dropout(x, self.p, training=True)
+        else:
+            dropped = (x * self.mask(x.shape, x.dtype)).mul_(self.scale)
+        self._last = (x, dropped)
+        return dropped
+
+    def mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """0/1 keep mask of `shape` in `dtype`, kept with probability 1 - threshold / 2^16."""
+        n = shape.numel()
+        seed = int(torch.empty((), dtype=torch.int64).random_())  # torch's generator drives the stream
+        words = np.random.PCG64(seed).random_raw((n + 3) // 4)  # (n/4,) uint64: four 16-bit uniforms each
+        keep = words.view(np.int16)[:n] >= self.threshold - 32768  # signed view: uniform on [-2^15, 2^15)
+        if dtype == torch.bfloat16:  # numpy has no bfloat16: write the bit pattern of 1.0 (0x3F80)
+            bits = keep.view(np.uint8).astype(np.int16)
+            bits *= 0x3F80
+            return torch.from_numpy(bits).view(torch.bfloat16).view(shape)
+        return torch.from_numpy(keep).view(shape).to(dtype)
+
+    def train(self, mode: bool = True):
+        self._last = None  # nothing is reused across a switch to evaluation and back
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """transformers' Llama-style RMSNorm, `w * (x / rms(x)).to(x.dtype)` with the mean square in fp32,
+    with a hand-written backward.
+
+    The forward runs the same operations in the same order, so its values are bit-identical. The
+    backward saves only the input and one fp32 reciprocal per row, where autograd's chain of casts,
+    powers and products saved an fp32 copy of every activation and took about twice the passes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        reciprocal = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, reciprocal)
+        return weight * (xf * reciprocal).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, reciprocal = ctx.saved_tensors
+        normed = x.to(torch.float32) * reciprocal  # (..., H) fp32
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normed = (grad * weight).to(x.dtype).to(torch.float32)
+        grad_x = reciprocal * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def _fused_rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return FusedRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
+    """A norm computing exactly what LlamaRMSNorm computes (Qwen2, Mistral and others copy it verbatim)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    forward, reference = getattr(type(module), "forward", None), LlamaRMSNorm.forward
+    code = getattr(forward, "__code__", None)
+    return (code is not None and hasattr(module, "variance_epsilon") and isinstance(module.weight, torch.nn.Parameter)
+            and (code.co_code, code.co_consts, code.co_names)
+            == (reference.__code__.co_code, reference.__code__.co_consts, reference.__code__.co_names))
+
+
+def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[str]:
+    """Switch on the CPU levers for this model; returns what was switched on, for the start line.
+
+    - LoRA dropout masks from CheapDropout instead of one bernoulli draw per element, one mask per
+      distinct input of a decoder layer (q/k/v share theirs);
+    - LoRA inputs stay in the 16-bit compute dtype (PEFT casts them to the fp32 adapter weights'
+      dtype, and autocast casts them straight back for the matrix product);
+    - Llama-style RMSNorms through FusedRMSNorm;
+    - eager attention instead of SDPA's CPU flash kernel, which is slower at these lengths; only up
+      to EAGER_UP_TO tokens."""
+    if torch.cuda.is_available():
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    used = []
+    replaced = norms = 0
+    for layer in tr.causal_lm.get_decoder().layers:
+        shared: dict[tuple[str, float], CheapDropout] = {}  # one per adapter and rate in this layer
+        for module in layer.modules():
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "lora_dropout"):
+                for name, dropout in module.lora_dropout.items():
+                    if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                        module.lora_dropout[name] = shared.setdefault((name, dropout.p), CheapDropout(dropout.p))
+                        replaced += 1
+                if dtype != torch.float32:
+                    module.cast_input_dtype_enabled = False
+    for module in tr.causal_lm.modules():
+        if _is_llama_rms_norm(module):
+            module.forward = types.MethodType(_fused_rms_forward, module)
+            norms += 1
+    if replaced:
+        used.append("cheap shared dropout masks")
+    if dtype != torch.float32 and tr.is_adapter:
+        used.append("16-bit LoRA inputs")
+    if norms:
+        used.append("fused RMSNorm")
+    if max_seq_len <= EAGER_UP_TO:
+        tr.causal_lm.set_attn_implementation("eager")
+        used.append("eager attention")
+    return used
