@@ -7,13 +7,17 @@ Same model, data and LoRA as bench/train_speed.py (the embedded SmolLM2-135M-Ins
 run's train split with the task's system prompt, r=16, alpha=32, dropout 0.05 on q/k/v/o, bf16
 autocast, length-grouped batches, loss and LM head on assistant tokens only). Each variant runs in
 its own subprocess: 2 warm-up steps, then `--steps` timed optimizer steps (forward, backward,
-AdamW); repeats alternate the order. Variants, cumulative:
+AdamW); a variant's rate is the median over its steps of the step's tokens / seconds (robust to a
+step slowed by another job on a shared machine), then the median over repeats, which alternate
+the order. Variants, cumulative:
   plain          PEFT as it comes: SDPA attention (the CPU flash kernel), LoRA inputs cast to fp32,
                  nn.Dropout (one bernoulli draw per element)
   +eager         eager attention (matmul + softmax) instead of SDPA
   +bf16-inputs   LoRA inputs left in bf16 (PEFT's cast to the fp32 adapter dtype switched off)
   +cheap-dropout CheapDropout masks (one 0/1 mask per distinct input of a layer, numpy PCG64 bits)
-  +fused-norm    RMSNorm through FusedRMSNorm: tunewise's default path (fast.cpu_fast_path)
+  +fused-norm    RMSNorm through FusedRMSNorm
+  +grouped-attn  eager attention without repeating k/v per query head (fast.grouped_eager_attention):
+                 tunewise's default path (fast.cpu_fast_path)
   no-dropout     reference: the default path with dropout 0 (what dropout still costs)
   +compile       the default path with every decoder layer under torch.compile (dynamic shapes);
                  the warm-up steps include the compilation
@@ -30,7 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "+eager", "+bf16-inputs", "+cheap-dropout", "+fused-norm", "no-dropout", "+compile")
+VARIANTS = ("plain", "+eager", "+bf16-inputs", "+cheap-dropout", "+fused-norm", "+grouped-attn", "no-dropout",
+            "+compile")
 
 
 def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -> dict:
@@ -56,7 +61,9 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
     level = VARIANTS.index(variant) if variant not in ("no-dropout", "+compile") else len(VARIANTS)
     if level >= VARIANTS.index("+cheap-dropout"):
         fast.cpu_fast_path(tr, dtype, 512)
-        if variant == "+cheap-dropout":  # every lever but the fused norm: back to the module's own forward
+        if level < VARIANTS.index("+grouped-attn"):  # the levers before it: transformers' own eager attention
+            tr.causal_lm.set_attn_implementation("eager")
+        if level < VARIANTS.index("+fused-norm"):  # back to the norms' own forward
             for module in tr.causal_lm.modules():
                 if "forward" in vars(module):
                     del module.forward
@@ -93,12 +100,14 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
             for idx in batches[2 : 2 + steps]:
                 step(idx)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45), file=sys.stderr)
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40), file=sys.stderr)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=400), file=sys.stderr)
         return {}
-    started, tokens = time.perf_counter(), 0
+    rates = []  # per step: a step slowed by another tenant of the machine moves the median little
     for idx in batches[2 : 2 + steps]:
-        tokens += step(idx)
-    return {"tokens": tokens, "seconds": time.perf_counter() - started}
+        started = time.perf_counter()
+        tokens = step(idx)
+        rates.append(tokens / (time.perf_counter() - started))
+    return {"rate": statistics.median(rates)}
 
 
 def main() -> None:
@@ -108,6 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--run", type=Path, default=None)
     parser.add_argument("--profile", choices=VARIANTS, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = args.run or sorted(p for p in (ROOT / "runs").iterdir() if (p / "data" / "train.jsonl").exists())[-1]
@@ -122,22 +132,26 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    chosen = [v for v in VARIANTS if v in args.variants.split(",")]
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown or not chosen:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    rates: dict[str, list[float]] = {v: [] for v in chosen}
     for repeat in range(args.repeats):
-        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
+        for variant in chosen if repeat % 2 == 0 else chosen[::-1]:
             done = subprocess.run([sys.executable, __file__, "--child", variant, "--run", str(run), "--steps",
                                    str(args.steps), "--batch-size", str(args.batch_size)],
                                   capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            rates[variant].append(result["tokens"] / result["seconds"])
+            rates[variant].append(result["rate"])
             print(f"{variant}: {rates[variant][-1]:.0f} tokens/s", flush=True)
     table = Table(title=f"CPU levers, LoRA step on the embedded model: {args.steps} steps x {args.batch_size} "
                         f"examples, median of {args.repeats}")
-    for column in ("variant", "tokens/s", "vs plain", "vs previous"):
+    for column in ("variant", "tokens/s", f"vs {chosen[0]}", "vs previous"):
         table.add_column(column)
-    plain = statistics.median(rates["plain"])
+    plain = statistics.median(rates[chosen[0]])
     previous = plain
-    for variant in VARIANTS:
+    for variant in chosen:
         rate = statistics.median(rates[variant])
         table.add_row(variant, f"{rate:.0f}", f"{rate / plain:.2f}x", f"{rate / previous:.2f}x")
         previous = rate if variant != "no-dropout" else previous

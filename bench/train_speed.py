@@ -1,7 +1,8 @@
 """Training-speed benchmark: tunewise's LoRA training path against TRL's SFTTrainer, and the ceiling.
 
 Run: .venv/bin/python bench/train_speed.py [--examples N] [--steps S] [--batch-size B] [--repeats R]
-                                           [--tools tunewise,trl-default,trl-tuned,trl-tuned-padded,trl-default-fp32]
+                                           [--tools tunewise,tunewise-plain,tunewise-seed1,trl-default,trl-tuned,
+                                                    trl-tuned-padded,trl-default-fp32]
                                            [--threads T] [--val-examples V] [--run RUN_DIR]
 (the `bench` extra installs TRL: pip install -e '.[bench]').
 
@@ -22,6 +23,11 @@ The tools:
    bf16, LoRA in fp32, length-grouped batches, loss and LM head on assistant tokens only).
    The last three settings put its validation and checkpoint writes after the last step, outside
    the timed window (they happen before the first and after the last optimizer step).
+1b. `tunewise-plain`: the same with train.fast_path=false, the unoptimized reference path: the model
+   and PEFT exactly as they come (SDPA attention, nn.Dropout, PEFT's fp32 casts, transformers'
+   RMSNorm). "Same learning" compares tunewise's validation loss with this one.
+1c. `tunewise-seed1`: tunewise with train.seed=1 (another LoRA init, dropout stream and batch
+   order): the yardstick for what seed noise alone moves the validation loss by.
 2. `trl-default`: `SFTTrainer(model=<model folder>, train_dataset=<"messages" dataset>,
    args=SFTConfig(...), peft_config=LoraConfig(...))` as TRL's quickstart does, with SFTConfig
    defaults apart from output_dir, max_steps=S, per_device_train_batch_size=B, learning_rate,
@@ -48,7 +54,7 @@ The tools:
    (train_sampling_strategy="group_by_length") instead of padding-free: on CPU, padding-free
    attention runs over the whole flattened batch under a mask, which may cost more than the
    padding it saves. The "TRL tuned" target uses whichever of the two tuned runs is faster.
-5. `trl-default-fp32` (only with --tools): trl-default with bf16=False instead of use_cpu=True,
+5. `trl-default-fp32`: trl-default with bf16=False instead of use_cpu=True,
    the other way to make TRL's defaults start on a CPU: fp32 throughout.
 
 Figures per tool (median over repeats where there are several):
@@ -87,7 +93,9 @@ Norms, activations, RoPE, softmax and the optimizer (1.8M parameters) are not co
 not matrix products, so the ceiling is optimistic. ceiling tokens/s = rate / work per token.
 
 Targets (issue 5): tunewise >= 5x TRL defaults and >= 2x TRL tuned in tokens/s; tunewise >= 60%
-of the ceiling. The script prints whether each holds in this run.
+of the ceiling; the same learning as the unoptimized path (tunewise - tunewise-plain validation
+loss within its paired 95% interval of 0, or no larger than the seed-1 run's difference). The
+script prints whether each holds in this run.
 """
 
 from __future__ import annotations
@@ -113,13 +121,19 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("tunewise", "trl-default", "trl-tuned", "trl-tuned-padded", "trl-default-fp32")
-DEFAULT_TOOLS = TOOLS[:4]
+TOOLS = ("tunewise", "tunewise-plain", "tunewise-seed1", "trl-default", "trl-tuned", "trl-tuned-padded",
+         "trl-default-fp32")
+DEFAULT_TOOLS = TOOLS
+OURS = ("tunewise", "tunewise-plain", "tunewise-seed1")
 TUNED = ("trl-tuned", "trl-tuned-padded")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR, SEED = 2e-4, 0
 SETUP = {
-    "tunewise": "train_model: bf16 weights+autocast, LoRA fp32, length-grouped, assistant-only loss and LM head",
+    "tunewise": "train_model: bf16 weights+autocast, LoRA fp32, length-grouped, assistant-only loss and LM head, "
+                "CPU fast path",
+    "tunewise-plain": "as tunewise with train.fast_path=false: the unoptimized reference path (model and PEFT as "
+                      "they come)",
+    "tunewise-seed1": "as tunewise with train.seed=1 (LoRA init, dropout, batch order): what seed noise looks like",
     "trl-default": "SFTConfig defaults: fp32 weights, bf16 autocast, grad checkpointing, all-token loss, padded",
     "trl-tuned": "completion-only loss, padding_free, bf16 weights+autocast, no grad checkpointing",
     "trl-tuned-padded": "completion-only loss, group_by_length padding, bf16 weights+autocast, no grad ckpt",
@@ -251,7 +265,7 @@ class StepClock:
         return self.step_ends[-1] - self.start
 
 
-def child_tunewise(spec: dict, work: Path) -> dict:
+def child_tunewise(spec: dict, work: Path, tool: str) -> dict:
     from tunewise.config import dump_config, load_config
     from tunewise.runs import RunDir, atomic_write_text
     from tunewise.train.checkpoint import list_checkpoints
@@ -260,7 +274,8 @@ def child_tunewise(spec: dict, work: Path) -> dict:
     config = load_config(spec["config"])
     config.train.epochs, config.train.batch_size = 1, spec["batch_size"]
     config.train.evals_per_epoch, config.train.patience, config.train.save_every = 1, None, spec["steps"]
-    config.train.lr, config.train.seed = LR, SEED
+    config.train.lr, config.train.seed = LR, 1 if tool == "tunewise-seed1" else SEED
+    config.train.fast_path = tool != "tunewise-plain"
     config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.target_modules = (
         LORA["r"], LORA["alpha"], LORA["dropout"], list(LORA["targets"]))
     run = RunDir(work / "run")
@@ -276,7 +291,8 @@ def child_tunewise(spec: dict, work: Path) -> dict:
     return {"clock": clock, "tool_tokens": summary.tokens, "final_loss": summary.final_train_loss,
             "adapter": str(final[-1]), "steps": summary.steps,
             "notes": [f"train_model derived: {summary.dtype}, batch {summary.batch_size}, {summary.epochs} epoch, "
-                      f"max_seq_len {summary.max_seq_len}, {summary.trainable_params:,} trainable"]}
+                      f"max_seq_len {summary.max_seq_len}, {summary.trainable_params:,} trainable; "
+                      f"CPU path: {', '.join(summary.fast_path) or 'off'}"]}
 
 
 def child_trl(spec: dict, work: Path, tool: str) -> dict:
@@ -344,7 +360,7 @@ def child_main(tool: str, spec_path: Path, out_path: Path) -> None:
         torch.set_num_threads(spec["threads"])
     work = out_path.parent / f"{tool}-work"
     started = time.perf_counter()
-    result = child_tunewise(spec, work) if tool == "tunewise" else child_trl(spec, work, tool)
+    result = child_tunewise(spec, work, tool) if tool in OURS else child_trl(spec, work, tool)
     clock: StepClock = result.pop("clock")
     if len(clock.step_ends) != spec["steps"]:
         raise SystemExit(f"{tool}: {len(clock.step_ends)} optimizer steps seen, wanted {spec['steps']}")
@@ -420,7 +436,7 @@ def main() -> None:
     unknown = [t for t in tools if t not in TOOLS]
     if unknown or not tools:
         parser.error(f"unknown tools {unknown}; choose from {', '.join(TOOLS)}")
-    if any(t != "tunewise" for t in tools):
+    if any(t not in OURS for t in tools):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -568,6 +584,15 @@ def main() -> None:
         for name, value, target, fmt in checks:
             verdict = "[green]holds[/]" if value >= target else "[red]does not hold[/]"
             console.print(f"target {name}: {fmt.format(value)} -> {verdict}")
+        if "tunewise-plain" in tools:  # same learning as the unoptimized reference path, within noise
+            d, hw = paired_interval(val_losses["tunewise"][1], val_losses["tunewise-plain"][1])
+            noise = (f"; seed noise (tunewise seed 1 - seed 0): {val_losses['tunewise-seed1'][0] - val_losses['tunewise'][0]:+.4f}"
+                     if "tunewise-seed1" in tools else "")
+            same = abs(d) <= hw or ("tunewise-seed1" in tools
+                                    and abs(d) <= abs(val_losses["tunewise-seed1"][0] - val_losses["tunewise"][0]))
+            verdict = "[green]holds[/]" if same else "[red]does not hold[/]"
+            console.print(f"target same learning (val loss, tunewise - tunewise-plain): {d:+.4f} ± {hw:.4f} (95%, "
+                          f"paired over {len(val)} examples){noise} -> {verdict}")
 
 
 if __name__ == "__main__":

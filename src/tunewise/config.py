@@ -143,6 +143,10 @@ class TrainConfig(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="Recompute activations in backward to save memory; auto: only when memory requires it."
     )
+    fast_path: bool = Field(
+        True, description="CPU speed levers (cheap shared dropout masks, fused RMSNorm, grouped eager attention, "
+        "16-bit LoRA inputs); false: the model and PEFT exactly as they come, e.g. to compare against."
+    )
 
 
 RED_FLAGS = ("overfitting", "length_drift", "refusal", "forgetting")

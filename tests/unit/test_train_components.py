@@ -128,10 +128,45 @@ def test_fused_rms_norm_matches_transformers_rms_norm():
         assert gx.dtype == x_dtype and gw.dtype == w_dtype
 
 
+def test_grouped_eager_attention_matches_transformers_eager_attention():
+    """Grouped-query attention without repeated keys/values: the same output bits, and the same
+    gradients up to summation order, with 3 query heads per kv head and left padding."""
+    from transformers.masking_utils import eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from tunewise.train.fast import grouped_eager_attention
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups = 3
+
+    module = Attention().train()
+    torch.manual_seed(0)
+    b, heads, kv, t, d = 3, 6, 2, 11, 16
+    padding = torch.ones(b, t, dtype=torch.bool)
+    padding[0, :4] = False
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        mask = eager_mask(b, t, t, attention_mask=padding, dtype=dtype)  # (B, 1, T, T) additive
+        query = torch.randn(b, t, heads, d).transpose(1, 2).to(dtype)  # as LlamaAttention lays it out
+        key, value = torch.randn(b, kv, t, d).to(dtype), torch.randn(b, kv, t, d).to(dtype)
+        grad = torch.randn(b, t, heads, d).to(dtype)
+        grad[0, :4] = 0  # padded positions get no gradient in training (their labels are ignored)
+        results = []
+        for attention in (eager_attention_forward, grouped_eager_attention):
+            inputs = [x.clone().requires_grad_(True) for x in (query, key, value)]
+            out, probs = attention(module, *inputs, mask, scaling=d**-0.5)
+            out.backward(grad)
+            results.append((out.detach(), probs.detach(), *(x.grad for x in inputs)))
+        (out, probs, *grads), (ref_out, ref_probs, *ref_grads) = results[1], results[0]
+        assert out.shape == ref_out.shape == (b, t, heads, d) and torch.equal(out, ref_out)
+        assert torch.equal(probs, ref_probs)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=tol, atol=tol)
+
+
 def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
     """Eager attention and uncast LoRA inputs change speed, not numbers (dropout off, fp32)."""
     from tunewise.config import Config
-    from tunewise.train.fast import cpu_fast_path
+    from tunewise.train.fast import GROUPED_EAGER, cpu_fast_path
     from tunewise.train.methods import build
 
     config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
@@ -144,8 +179,8 @@ def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokeniz
         torch.manual_seed(0)
         tr = build(config, tiny_model_dir, torch.float32)
         if fast:
-            assert "eager attention" in cpu_fast_path(tr, torch.float32, 128)
-            assert tr.causal_lm.config._attn_implementation == "eager"
+            assert {"grouped eager attention", "fused RMSNorm"} <= set(cpu_fast_path(tr, torch.float32, 128))
+            assert tr.causal_lm.config._attn_implementation == GROUPED_EAGER
         total, n = supervised_loss(tr.causal_lm, **batch)
         (total / n).backward()
         results.append((total.detach(), [p.grad.clone() for p in tr.params]))

@@ -16,6 +16,7 @@ import torch
 from tunewise.train.methods import Trainable
 
 EAGER_UP_TO = 512  # tokens: eager attention keeps every (T x T) score matrix for the backward pass
+GROUPED_EAGER = "tunewise_grouped_eager"  # the name the attention below is registered under in transformers
 
 
 class CheapDropout(torch.nn.Module):
@@ -116,6 +117,36 @@ def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
             == (reference.__code__.co_code, reference.__code__.co_consts, reference.__code__.co_names))
 
 
+def grouped_eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers' eager attention without copying keys and values once per query head.
+
+    Grouped-query attention shares each key/value head among `groups` query heads; the eager path
+    repeats k and v `groups` times (a copy forward, a sum backward). Here the query heads of a
+    group are stacked along the sequence instead, (B, kv, groups*T, d), so one product per kv head
+    serves them all. Scores are scaled through the queries (a power of two for usual head sizes,
+    where that is exact), and the softmax runs in fp32 as in the eager path."""
+    b, heads, t, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    groups = heads // kv
+    q = (query * scaling).reshape(b, kv, groups * t, d)
+    scores = torch.matmul(q, key.transpose(2, 3)).view(b, kv, groups, t, s)  # (B, kv, groups, T, S)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, :s]  # (B, 1, 1, T, S) additive mask
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs.view(b, kv, groups * t, s), value)  # (B, kv, groups*T, d)
+    return out.view(b, heads, t, d).transpose(1, 2).contiguous(), probs.view(b, heads, t, s)
+
+
+def _register_grouped_eager() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED_EAGER, grouped_eager_attention)
+    AttentionMaskInterface.register(GROUPED_EAGER, eager_mask)  # the same additive float mask as eager
+
+
 def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[str]:
     """Switch on the CPU levers for this model; returns what was switched on, for the start line.
 
@@ -124,8 +155,8 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
     - LoRA inputs stay in the 16-bit compute dtype (PEFT casts them to the fp32 adapter weights'
       dtype, and autocast casts them straight back for the matrix product);
     - Llama-style RMSNorms through FusedRMSNorm;
-    - eager attention instead of SDPA's CPU flash kernel, which is slower at these lengths; only up
-      to EAGER_UP_TO tokens."""
+    - eager attention (grouped_eager_attention) instead of SDPA's CPU flash kernel, which is slower
+      at these lengths; only up to EAGER_UP_TO tokens."""
     if torch.cuda.is_available():
         return []
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -153,6 +184,7 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
     if norms:
         used.append("fused RMSNorm")
     if max_seq_len <= EAGER_UP_TO:
-        tr.causal_lm.set_attn_implementation("eager")
-        used.append("eager attention")
+        _register_grouped_eager()
+        tr.causal_lm.set_attn_implementation(GROUPED_EAGER)
+        used.append("grouped eager attention")
     return used

@@ -80,6 +80,7 @@ class TrainSummary:
     world_size: int
     stopped_early: bool
     resumed_from_step: int | None
+    fast_path: list[str]  # the CPU levers that were on (train/fast.py)
 
 
 def derive_batch_size(lengths: list[int], tokens_per_batch: int = 2048) -> int:
@@ -351,7 +352,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
     # --- model: the method's trainable weights in fp32, the rest frozen in the compute dtype
     dtype = compute_dtype() if hp.precision == "auto" else PRECISION[hp.precision]
     tr = build(config, base_path, dtype)
-    fast = cpu_fast_path(tr, dtype, max_seq_len)
+    fast = cpu_fast_path(tr, dtype, max_seq_len) if hp.fast_path else []
     if torch.cuda.is_available() and method != "qlora":
         tr.model.to(dist.device)
     preference = method in PREFERENCE_METHODS
@@ -510,6 +511,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
             step_tokens_per_second=round(state.tokens / max(state.step_seconds, 1e-9), 1),
             peak_memory_mib=round(peak_memory_mib(), 1), gradient_checkpointing=checkpointing,
             world_size=dist.world, stopped_early=state.step < total_steps, resumed_from_step=resumed_from,
+            fast_path=fast,
         )
         if summary.stopped_early:
             console.print(f"  stopped early at step {state.step}: {hp.patience} validations without a new best")
