@@ -16,8 +16,9 @@ the order. Variants, cumulative:
   +bf16-inputs   LoRA inputs left in bf16 (PEFT's cast to the fp32 adapter dtype switched off)
   +cheap-dropout CheapDropout masks (one 0/1 mask per distinct input of a layer, numpy PCG64 bits)
   +fused-norm    RMSNorm through FusedRMSNorm
-  +grouped-attn  eager attention without repeating k/v per query head (fast.grouped_eager_attention):
-                 tunewise's default path (fast.cpu_fast_path)
+  +grouped-attn  eager attention without repeating k/v per query head (fast.grouped_eager_attention)
+  +fused-lora    LoRA forward with the rescales folded into B, the sum into addmm, and one A product
+                 for q/k/v: tunewise's default path (fast.cpu_fast_path)
   no-dropout     reference: the default path with dropout 0 (what dropout still costs)
   +compile       the default path with every decoder layer under torch.compile (dynamic shapes);
                  the warm-up steps include the compilation
@@ -34,8 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "+eager", "+bf16-inputs", "+cheap-dropout", "+fused-norm", "+grouped-attn", "no-dropout",
-            "+compile")
+VARIANTS = ("plain", "+eager", "+bf16-inputs", "+cheap-dropout", "+fused-norm", "+grouped-attn", "+fused-lora",
+            "no-dropout", "+compile")
 
 
 def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -> dict:
@@ -63,9 +64,10 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
         fast.cpu_fast_path(tr, dtype, 512)
         if level < VARIANTS.index("+grouped-attn"):  # the levers before it: transformers' own eager attention
             tr.causal_lm.set_attn_implementation("eager")
-        if level < VARIANTS.index("+fused-norm"):  # back to the norms' own forward
-            for module in tr.causal_lm.modules():
-                if "forward" in vars(module):
+        for module in tr.causal_lm.modules():  # the levers not reached yet: back to the module's own forward
+            if "forward" in vars(module):
+                lever = "+fused-norm" if hasattr(module, "variance_epsilon") else "+fused-lora"
+                if level < VARIANTS.index(lever):
                     del module.forward
         if variant == "+compile":  # every decoder layer through inductor, shapes dynamic (lengths vary)
             for layer in tr.causal_lm.model.layers:

@@ -163,27 +163,96 @@ def test_grouped_eager_attention_matches_transformers_eager_attention():
             torch.testing.assert_close(g, ref, rtol=tol, atol=tol)
 
 
-def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
-    """Eager attention and uncast LoRA inputs change speed, not numbers (dropout off, fp32)."""
-    from tunewise.config import Config
-    from tunewise.train.fast import GROUPED_EAGER, cpu_fast_path
+def _lora_with_random_b(config, tiny_model_dir, seed: int = 0):
+    """A LoRA model whose B matrices are not zero, so every LoRA term reaches the loss (and A gets gradients)."""
     from tunewise.train.methods import build
 
+    torch.manual_seed(seed)
+    tr = build(config, tiny_model_dir, torch.float32)
+    with torch.no_grad():
+        for name, param in tr.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    return tr
+
+
+def _loss_and_grads(tr, batch):
+    total, n = supervised_loss(tr.causal_lm, **batch)
+    (total / n).backward()
+    return (total / n).detach(), [p.grad.clone() for p in tr.params]
+
+
+def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
+    """Every lever changes speed, not numbers (dropout off, fp32, LoRA on every linear layer)."""
+    from tunewise.config import Config
+    from tunewise.train.fast import GROUPED_EAGER, SharedInputLoRA, cpu_fast_path
+
     config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
-                                    "lora": {"dropout": 0.0}})
+                                    "lora": {"dropout": 0.0, "target_modules": "all-linear"}})
     items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
              for n in (2, 9, 5)]
     batch = collate(items, tokenizer.pad_token_id)
     results = []
     for fast in (False, True):
-        torch.manual_seed(0)
-        tr = build(config, tiny_model_dir, torch.float32)
+        tr = _lora_with_random_b(config, tiny_model_dir)
         if fast:
-            assert {"grouped eager attention", "fused RMSNorm"} <= set(cpu_fast_path(tr, torch.float32, 128))
+            used = set(cpu_fast_path(tr, torch.float32, 128))
+            assert {"grouped eager attention", "fused RMSNorm", "fused LoRA forward"} <= used
             assert tr.causal_lm.config._attn_implementation == GROUPED_EAGER
-        total, n = supervised_loss(tr.causal_lm, **batch)
-        (total / n).backward()
-        results.append((total.detach(), [p.grad.clone() for p in tr.params]))
+            layer = tr.causal_lm.get_decoder().layers[0]
+            attention, mlp = layer.self_attn, layer.mlp
+            assert isinstance(attention.q_proj._tunewise_shared, SharedInputLoRA)
+            assert attention.q_proj._tunewise_shared is attention.v_proj._tunewise_shared
+            assert mlp.gate_proj._tunewise_shared is mlp.up_proj._tunewise_shared is not None
+            assert attention.o_proj._tunewise_shared is None and mlp.down_proj._tunewise_shared is None
+        results.append(_loss_and_grads(tr, batch))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in results[0][1])  # every LoRA weight takes part
     for plain, fast in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(plain, fast, rtol=1e-4, atol=1e-6)
+    # with the adapter switched off (DPO's reference pass) the fused forward gives the base model's loss
+    with tr.model.disable_adapter(), torch.no_grad():
+        off = supervised_loss(tr.causal_lm, **batch)
+    torch.manual_seed(0)
+    plain_base = _base_loss(tiny_model_dir, batch)
+    torch.testing.assert_close(off[0] / off[1], plain_base, rtol=1e-5, atol=1e-5)
+
+
+def _base_loss(tiny_model_dir, batch):
+    from tunewise.models import load_model
+
+    model = load_model(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        total, n = supervised_loss(model, **batch)
+    return total / n
+
+
+def test_fused_lora_forward_applies_dropout_as_peft_does(tiny_model_dir, tokenizer):
+    """With dropout on, the fused forward (rescale folded into B, shared A product) gives PEFT's own
+    forward's loss and gradients on the same masks."""
+    from tunewise.config import Config
+    from tunewise.train.fast import cpu_fast_path
+
+    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
+                                    "lora": {"dropout": 0.2}})
+    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
+             for n in (4, 7)]
+    batch = collate(items, tokenizer.pad_token_id)
+    results = []
+    for fused in (False, True):
+        tr = _lora_with_random_b(config, tiny_model_dir)
+        cpu_fast_path(tr, torch.float32, 128)
+        if not fused:  # PEFT's forward, which calls CheapDropout.forward (mask and rescale)
+            for module in tr.model.modules():
+                if "forward" in vars(module) and hasattr(module, "lora_A"):
+                    del module.forward
+        tr.model.train()
+        torch.manual_seed(7)  # the same mask stream for both
+        results.append(_loss_and_grads(tr, batch))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for plain, fused in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(plain, fused, rtol=1e-4, atol=1e-6)
+    tr.model.eval()  # and the masks were real: without dropout the loss moves
+    with torch.no_grad():
+        total, n = supervised_loss(tr.causal_lm, **batch)
+    assert abs(float(total / n) - float(results[1][0])) > 1e-3

@@ -41,17 +41,27 @@ class CheapDropout(torch.nn.Module):
         self.p = p
         self.threshold = round(p * 65536)
         self.scale = 65536 / (65536 - self.threshold)
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, input * mask)
+        self._scaled: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, input * mask * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x * mask / keep probability (PEFT's own LoRA forward calls this)."""
         if not self.training or self.threshold == 0:
             return x
+        if self._scaled is not None and self._scaled[0] is x:
+            return self._scaled[1]
+        dropped = self.masked(x) * self.scale
+        self._scaled = (x, dropped)
+        return dropped
+
+    def masked(self, x: torch.Tensor) -> torch.Tensor:
+        """x * mask, not rescaled: the fused LoRA forward folds 1 / keep probability into B instead."""
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         if x.device.type != "cpu":
-            dropped = torch.nn.functional.dropout(x, self.p, training=True)
+            dropped = x * torch.empty_like(x).bernoulli_(1 - self.threshold / 65536)
         else:
-            dropped = (x * self.mask(x.shape, x.dtype)).mul_(self.scale)
+            dropped = x * self.mask(x.shape, x.dtype)
         self._last = (x, dropped)
         return dropped
 
@@ -68,11 +78,64 @@ class CheapDropout(torch.nn.Module):
         return torch.from_numpy(keep).view(shape).to(dtype)
 
     def train(self, mode: bool = True):
-        self._last = None  # nothing is reused across a switch to evaluation and back
+        self._last = self._scaled = None  # nothing is reused across a switch to evaluation and back
         return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read one input in Llama-style blocks
+
+
+class SharedInputLoRA:
+    """The LoRA A matrices of sibling modules that read the same input (q/k/v, gate/up): one product.
+
+    The first module called with an input computes x @ [A_q; A_k; A_v]^T for all of them; the
+    others, called with the very same tensor, take their columns of it. An input that is not the
+    last one seen, or A weights changed since, starts a new product, so a module called alone still
+    gets the right answer."""
+
+    def __init__(self, modules: list[torch.nn.Module], adapter: str):
+        self.adapter = adapter
+        self.weights = [m.lora_A[adapter].weight for m in modules]
+        starts = np.cumsum([0] + [w.shape[0] for w in self.weights])
+        self.columns = {id(m): (int(starts[i]), int(starts[i + 1])) for i, m in enumerate(modules)}
+        self._last: tuple | None = None  # (input, weight versions, x @ A_all^T)
+
+    def hidden(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        versions = tuple(w._version for w in self.weights)
+        if self._last is None or self._last[0] is not x or self._last[1] != versions:
+            self._last = (x, versions, torch.nn.functional.linear(x, torch.cat(self.weights)))
+        start, end = self.columns[id(module)]
+        return self._last[2][..., start:end]
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's LoRA Linear forward for one plain adapter, in fewer passes over the activations.
+
+    PEFT computes base(x) + B(A(dropout(x))) * scaling: a dropout rescale, a scaling product and a
+    sum, each a pass forward and backward. Here the rescale and the scaling are folded into B's
+    (r-wide) weight, the sum into the product (addmm), and siblings share A's product. Anything
+    else (adapters off, merged, several adapters, DoRA, a LoRA bias, extra arguments) takes PEFT's
+    own forward."""
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dropout, scale = self.lora_dropout[name], self.scaling[name]
+    if isinstance(dropout, CheapDropout):
+        if dropout.training and dropout.threshold:
+            x, scale = dropout.masked(x), scale * dropout.scale
+    elif not isinstance(dropout, torch.nn.Identity):
+        x = dropout(x)
+    group: SharedInputLoRA | None = self._tunewise_shared
+    hidden = group.hidden(self, x) if group is not None and group.adapter == name else self.lora_A[name](x)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                      (self.lora_B[name].weight * scale).t())
+    return out.view(result.shape)
 
 
 class FusedRMSNorm(torch.autograd.Function):
@@ -154,6 +217,7 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
       distinct input of a decoder layer (q/k/v share theirs);
     - LoRA inputs stay in the 16-bit compute dtype (PEFT casts them to the fp32 adapter weights'
       dtype, and autocast casts them straight back for the matrix product);
+    - plain LoRA Linear layers through _fused_lora_forward, siblings sharing one A product;
     - Llama-style RMSNorms through FusedRMSNorm;
     - eager attention (grouped_eager_attention) instead of SDPA's CPU flash kernel, which is slower
       at these lengths; only up to EAGER_UP_TO tokens."""
@@ -161,8 +225,10 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
         return []
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     used = []
-    replaced = norms = 0
+    replaced = norms = fused = 0
     for layer in tr.causal_lm.get_decoder().layers:
         shared: dict[tuple[str, float], CheapDropout] = {}  # one per adapter and rate in this layer
         for module in layer.modules():
@@ -173,6 +239,18 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
                         replaced += 1
                 if dtype != torch.float32:
                     module.cast_input_dtype_enabled = False
+            if type(module) is LoraLinear:  # exactly PEFT's plain Linear (not its bitsandbytes subclasses)
+                module._tunewise_shared = None
+                module.forward = types.MethodType(_fused_lora_forward, module)
+                fused += 1
+        for parent in layer.modules():
+            for names in SIBLINGS:
+                group = [getattr(parent, n) for n in names if isinstance(getattr(parent, n, None), LoraLinear)]
+                adapters = {tuple(m.lora_A) for m in group}
+                if len(group) > 1 and len(adapters) == 1 and len(next(iter(adapters))) == 1:
+                    shared_input = SharedInputLoRA(group, next(iter(adapters))[0])
+                    for m in group:
+                        m._tunewise_shared = shared_input
     for module in tr.causal_lm.modules():
         if _is_llama_rms_norm(module):
             module.forward = types.MethodType(_fused_rms_forward, module)
@@ -181,6 +259,8 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
         used.append("cheap shared dropout masks")
     if dtype != torch.float32 and tr.is_adapter:
         used.append("16-bit LoRA inputs")
+    if fused:
+        used.append("fused LoRA forward")
     if norms:
         used.append("fused RMSNorm")
     if max_seq_len <= EAGER_UP_TO:
