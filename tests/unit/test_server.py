@@ -218,6 +218,34 @@ def test_bad_adapters_are_clear_errors(tmp_path, tiny_model_dir, adapters):
         create_app(str(tiny_model_dir), {"base": adapters["a"]})
 
 
+def test_oversized_bodies_get_a_413_not_a_connection_reset(server):
+    """The server reads an oversized body to its end before answering 413 (up to 8x the limit), so a
+    client still sending gets the answer instead of a reset: declared lengths and chunked bodies."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    for size in ((1 << 20) + 1, 3 << 20, 3 << 20):
+        got, body = request(server, "/v1/chat/completions", b" " * size)
+        assert got == 413 and body["error"]["code"] == "request_too_large"
+    host = urlsplit(server)
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+    try:
+        chunks = (b" " * (1 << 16) for _ in range(24))  # 1.5 MiB, no Content-Length
+        conn.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        response = conn.getresponse()
+        payload = response.read()
+        assert response.status == 413 and json.loads(payload)["error"]["code"] == "request_too_large", payload[:300]
+        valid = json.dumps({"model": "a", "messages": PROMPTS[0], "max_tokens": 2}).encode()
+        conn.request("POST", "/v1/chat/completions", body=iter([valid[:10], valid[10:]]), encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"]  # a chunked body under the limit
+    finally:
+        conn.close()
+    assert request(server, "/v1/models")[0] == 200  # and it still serves
+
+
 def test_streaming_gives_the_same_text_in_pieces(server, expected):
     api = client(server)
     for name in ("a", "b"):

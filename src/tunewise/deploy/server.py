@@ -180,7 +180,14 @@ def key_refusal(request: Request, api_key: str) -> JSONResponse | None:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes (declared or streamed) is a 413 before any parsing."""
+    """ASGI middleware: a body over `limit` bytes (declared or streamed) is a 413 before any parsing.
+
+    A body without a declared length (chunked) is read here, up to the limit, and handed on whole.
+    A body up to DRAIN_FACTOR times the limit is read to its end (and dropped) before the 413 goes
+    out: closing a connection with unread bytes makes the kernel reset it, and the client, still
+    sending, would see "connection reset" instead of the 413. A larger one is answered at once."""
+
+    DRAIN_FACTOR = 8
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -189,30 +196,40 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.limit:
+                drain = declared.isdigit() and int(declared) <= self.DRAIN_FACTOR * self.limit
+                return await self._too_large(scope, receive, send, drain=drain, seen=0)
+            return await self.app(scope, receive, send)  # the server holds the client to its declared length
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            more = message.get("more_body", False)
             if seen > self.limit:
-                raise _TooLarge
+                return await self._too_large(scope, receive, send, drain=more, seen=seen)
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal whole
+            if whole is None:
+                return await receive()
+            message, whole = whole, None
             return message
 
-        try:
-            return await self.app(scope, counted, send)
-        except _TooLarge:
-            return await self._too_large(scope, receive, send)
+        return await self.app(scope, replay, send)
 
-    async def _too_large(self, scope, receive, send):
+    async def _too_large(self, scope, receive, send, drain: bool, seen: int):
+        while drain and seen <= self.DRAIN_FACTOR * self.limit:
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
         response = error(413, f"the request body is larger than {self.limit} bytes", "request_too_large")
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 # ---- routing: which loaded adapter answers a model name -----------------------------------------

@@ -2,8 +2,9 @@
 one's measured gain, and bench/train_levers.py re-measures them).
 
 None of them changes what is computed, only how: the dropout still drops each LoRA input at
-rate p (q/k/v now share one mask), the normalization gives the same forward values bit for bit,
-and eager attention is the textbook formula. Tests compare each against the plain path.
+rate p (q/k/v now share one mask), the normalization and the attention give the same forward
+values bit for bit, and the LoRA forward computes PEFT's sum in another order. Tests compare each
+against the plain path (tests/unit/test_train_components.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class CheapDropout(torch.nn.Module):
     takes two passes each way; on the LoRA inputs of every q/k/v/o module that was 14% of a training
     step (bench/README.md). Here one 64-bit word of numpy's PCG64 (seeded by one draw from torch's
     generator, so seeds and checkpointed RNG states still reproduce a run) gives four 16-bit
-    uniforms, each kept when >= round(p * 2^16) on the unsigned scale: independent Bernoulli masks
-    with p within 2^-17 of the asked rate. The mask is built as 0/1 values in the input's dtype, so
+    uniforms; read as signed, each is kept when >= round(p * 2^16) - 2^15, that is with probability
+    1 - round(p * 2^16) / 2^16: independent Bernoulli masks with p within 2^-17 of the asked rate. The mask is built as 0/1 values in the input's dtype, so
     applying it is one plain multiply forward and one backward, and the kept values are scaled by
     exactly 1 / keep probability.
 
