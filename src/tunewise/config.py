@@ -144,8 +144,8 @@ class TrainConfig(_Strict):
         "auto", description="Recompute activations in backward to save memory; auto: only when memory requires it."
     )
     fast_path: bool = Field(
-        True, description="CPU speed levers (cheap shared dropout masks, fused RMSNorm, grouped eager attention, "
-        "16-bit LoRA inputs); false: the model and PEFT exactly as they come, e.g. to compare against."
+        True, description="CPU speed levers (cheap shared dropout masks, fused LoRA forward, fused RMSNorm, grouped "
+        "eager attention, 16-bit LoRA inputs); false: the model and PEFT exactly as they come, e.g. to compare against."
     )
 
 

@@ -224,9 +224,8 @@ def cpu_fast_path(tr: Trainable, dtype: torch.dtype, max_seq_len: int) -> list[s
       at these lengths; only up to EAGER_UP_TO tokens."""
     if torch.cuda.is_available():
         return []
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     used = []
     replaced = norms = fused = 0
