@@ -163,6 +163,19 @@ def test_grouped_eager_attention_matches_transformers_eager_attention():
             torch.testing.assert_close(g, ref, rtol=tol, atol=tol)
 
 
+def _lora_config(tiny_model_dir, **lora):
+    from tunewise.config import Config
+
+    return Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)}, "lora": lora})
+
+
+def _chat_batch(tokenizer, lengths: tuple[int, ...]) -> dict:
+    """One padded batch of single-turn chats, question and answer `n` characters each."""
+    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
+             for n in lengths]
+    return collate(items, tokenizer.pad_token_id)
+
+
 def _lora_with_random_b(config, tiny_model_dir, seed: int = 0):
     """A LoRA model whose B matrices are not zero, so every LoRA term reaches the loss (and A gets gradients)."""
     from tunewise.train.methods import build
@@ -184,14 +197,10 @@ def _loss_and_grads(tr, batch):
 
 def test_cpu_fast_path_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer):
     """Every lever changes speed, not numbers (dropout off, fp32, LoRA on every linear layer)."""
-    from tunewise.config import Config
     from tunewise.train.fast import GROUPED_EAGER, SharedInputLoRA, cpu_fast_path
 
-    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
-                                    "lora": {"dropout": 0.0, "target_modules": "all-linear"}})
-    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
-             for n in (2, 9, 5)]
-    batch = collate(items, tokenizer.pad_token_id)
+    config = _lora_config(tiny_model_dir, dropout=0.0, target_modules="all-linear")
+    batch = _chat_batch(tokenizer, (2, 9, 5))
     results = []
     for fast in (False, True):
         tr = _lora_with_random_b(config, tiny_model_dir)
@@ -230,14 +239,10 @@ def _base_loss(tiny_model_dir, batch):
 def test_fused_lora_forward_applies_dropout_as_peft_does(tiny_model_dir, tokenizer):
     """With dropout on, the fused forward (rescale folded into B, shared A product) gives PEFT's own
     forward's loss and gradients on the same masks."""
-    from tunewise.config import Config
     from tunewise.train.fast import cpu_fast_path
 
-    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
-                                    "lora": {"dropout": 0.2}})
-    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
-             for n in (4, 7)]
-    batch = collate(items, tokenizer.pad_token_id)
+    config = _lora_config(tiny_model_dir, dropout=0.2)
+    batch = _chat_batch(tokenizer, (4, 7))
     results = []
     for fused in (False, True):
         tr = _lora_with_random_b(config, tiny_model_dir)
@@ -262,14 +267,10 @@ def test_fast_path_under_gradient_checkpointing_recomputes_the_same_masks(tiny_m
     """Checkpointing recomputes each layer in the backward pass: the dropout masks (drawn from torch's
     generator, which checkpointing restores) and the shared A products must come out the same, so
     the gradients equal those of a run that kept its activations."""
-    from tunewise.config import Config
     from tunewise.train.fast import cpu_fast_path
 
-    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)},
-                                    "lora": {"dropout": 0.2, "target_modules": "all-linear"}})
-    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
-             for n in (3, 8)]
-    batch = collate(items, tokenizer.pad_token_id)
+    config = _lora_config(tiny_model_dir, dropout=0.2, target_modules="all-linear")
+    batch = _chat_batch(tokenizer, (3, 8))
     results = []
     for checkpointing in (False, True):
         tr = _lora_with_random_b(config, tiny_model_dir)
