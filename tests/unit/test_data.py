@@ -241,3 +241,89 @@ def test_dataset_version_depends_on_content_not_on_the_folder(tmp_path):
     changed = write_jsonl(tmp_path / "c.jsonl", label_rows(60, seed=1))
     other = write_prepared(prepare([changed], DataSettings(**FAST)), tmp_path / "c", DataSettings(**FAST), preview=[])
     assert other["version"] != versions[0]
+
+
+# ---- real users' files (issue 13) -------------------------------------------------------------
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_json_answers_stay_text_and_chat_columns_are_decoded(tmp_path):
+    answers = [json.dumps({"section": s, "tags": ["a", "b"]}) for s in ("net", "games", "utils")]
+    path = _write_csv(tmp_path / "a.csv", ["prompt", "completion"],
+                      [[f"package {i}", answer] for i, answer in enumerate(answers)])
+    examples, problems, fmt = read_examples(path)
+    assert fmt == "prompt_completion" and not problems
+    assert [e.target for e in examples] == answers
+    chat = [{"role": "user", "content": "[1, 2] as JSON?"}, {"role": "assistant", "content": '{"a": [1, 2]}'}]
+    path = _write_csv(tmp_path / "c.csv", ["dialog", "note"], [[json.dumps(chat), "[citation needed]"], ["{oops", "x"]])
+    examples, problems, fmt = read_examples(path, mapping=parse_mapping("dialog=messages"))
+    assert fmt == "chat" and examples[0].messages == chat
+    assert problems[0].line == 3 and "column 'messages' must hold the chat as JSON" in problems[0].reason
+    pairs = _write_csv(tmp_path / "p.csv", ["prompt", "chosen", "rejected"],
+                       [["[draft] fix this", json.dumps([{"role": "assistant", "content": "good"}]), '{"x": 1}']])
+    examples, problems, fmt = read_examples(pairs)
+    assert fmt == "preference" and not problems
+    assert examples[0].messages[0]["content"] == "[draft] fix this" and examples[0].target == "good"
+    assert examples[0].rejected == '{"x": 1}'
+
+
+def test_an_open_csv_quote_is_reported_and_rows_are_not_merged(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,completion\nq1,"a1\nq2,a2\nq3,"a3"\nq4,a4\n', encoding="utf-8")
+    examples, problems, _ = read_examples(path)
+    assert [e.messages[0]["content"] for e in examples] == ["q2", "q3", "q4"]
+    assert [(p.line, p.kind) for p in problems] == [(2, "unreadable")] and "quote never closed" in problems[0].reason
+    assert f"{path}:2" in str(problems[0])
+
+
+def test_strings_that_are_not_unicode_are_rejected_not_crashed_on(tmp_path):
+    rows = [json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) for i in range(30)]
+    rows[3] = '{"prompt": "broken \\ud800 text", "completion": "x"}'
+    rows[4] = '{"prompt": "q", "completion": "x", "\\udc00id": 1}'  # an unused key: the row is fine
+    rows[5] = '{"\\ud83dprompt": "q", "completion": "x"}'  # the reason quotes the key: still writable
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = DataSettings(**FAST, split="random")
+    prepared = prepare([path], settings)
+    by_line = {p.line: p.reason for p in prepared.problems}
+    assert sorted(by_line) == [4, 6]
+    assert "not valid Unicode" in by_line[4] and "U+D800" in by_line[4] and "'prompt'" in by_line[4]
+    assert "\\ud83d" in by_line[6]
+    write_prepared(prepared, tmp_path / "out", settings, preview=[])
+    rejected = (tmp_path / "out" / "rejected.jsonl").read_text(encoding="utf-8")
+    assert "U+D800" in rejected
+    grouped = write_jsonl(tmp_path / "g.jsonl",
+                          [{"prompt": f"q{i}", "completion": "a", "user": f"u{i % 4}"} for i in range(20)]
+                          + ['{"prompt": "q", "completion": "a", "user": "\\udfff"}'])
+    _, problems, _ = read_examples(grouped, keep=("user",))
+    assert [p.line for p in problems] == [21] and "not valid Unicode" in problems[0].reason
+
+
+def test_strict_stops_at_the_first_bad_row_without_reading_on(tmp_path, monkeypatch):
+    from tunewise.data import formats
+    from tunewise.data.readers import Row
+
+    def rows(path):
+        yield Row(1, {"prompt": "q", "completion": "a"}, None)
+        yield Row(2, None, "not valid JSON: Expecting value (column 1)")
+        raise AssertionError("read past the first bad row")
+
+    monkeypatch.setattr(formats, "iter_rows", rows)
+    with pytest.raises(TunewiseError, match="--strict") as err:
+        read_examples(tmp_path / "big.jsonl", strict=True)
+    assert err.value.line == 2
+
+
+def test_csv_time_keys_that_are_numbers_sort_as_numbers(tmp_path):
+    path = _write_csv(tmp_path / "t.csv", ["prompt", "completion", "day"],
+                      [[f"question {i}", f"answer {i}", str(i)] for i in range(1, 31)])
+    prepared = prepare([path], DataSettings(**FAST, split="time", time_key="day"))
+    assert sorted(int(e.meta["day"]) for e in prepared.splits["test"]) == [28, 29, 30]

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunewise.data.readers import Row, decode_json_cell, detect_container, iter_rows
+from tunewise.data.formats import decode_text_cells
+from tunewise.data.readers import Row, detect_container, iter_rows
 from tunewise.errors import TunewiseError
 
 ROWS = [
@@ -57,7 +58,8 @@ def test_every_container_gives_the_same_rows(tmp_path):
     for kind, path in paths.items():
         assert detect_container(path) == kind
         rows = rows_of(path)
-        assert [r.value for r in rows] == ROWS, kind
+        # CSV cells are text; the format decodes the chat column (formats.decode_text_cells)
+        assert [decode_text_cells(r.value) if r.text_cells else r.value for r in rows] == ROWS, kind
         assert all(r.error is None for r in rows)
         assert [r.line for r in rows] == expected_lines[kind], kind
 
@@ -81,7 +83,7 @@ def test_bom_and_crlf(tmp_path):
     path = write(tmp_path / "d.jsonl", b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')
     assert rows_of(path) == [Row(1, {"a": 1}, None), Row(2, {"a": 2}, None)]
     path = write(tmp_path / "d.csv", b"\xef\xbb\xbfa,b\r\n1,\r\n")
-    assert rows_of(path) == [Row(2, {"a": "1", "b": ""}, None)]
+    assert rows_of(path) == [Row(2, {"a": "1", "b": ""}, None, text_cells=True)]
 
 
 def test_invalid_utf8_on_one_line_spares_the_others(tmp_path):
@@ -157,19 +159,48 @@ def test_json_file_that_is_really_jsonl_or_pretty_printed(tmp_path):
     assert [(r.line, r.value) for r in rows_of(path)] == [(1, {"a": 1}), (4, {"b": 2})]
 
 
-def test_csv_cells(tmp_path):
+def test_csv_cells_stay_text(tmp_path):
     path = write(tmp_path / "d.tsv", b'name\tmessages\tnote\nx\t [{"role": "user"}] \t{not json\n'
                                       b'y\t{"k": 1}\t[citation needed]\nshort\n')
     rows = rows_of(path)
-    assert rows[0].value == {"name": "x", "messages": [{"role": "user"}], "note": "{not json"}
-    assert rows[1].value == {"name": "y", "messages": {"k": 1}, "note": "[citation needed]"}
+    assert rows[0].value == {"name": "x", "messages": ' [{"role": "user"}] ', "note": "{not json"}
+    assert rows[0].text_cells and rows[1].value["messages"] == '{"k": 1}'
     assert rows[2].line == 4 and "expected 3 cells" in rows[2].error
-    assert decode_json_cell(" 12 ") == " 12 " and decode_json_cell("[]") == []
     long_cell = json.dumps([{"role": "user", "content": "z" * 300_000}])
     path = tmp_path / "long.csv"
     with path.open("w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([["messages"], [long_cell]])
-    assert rows_of(path)[0].value == {"messages": json.loads(long_cell)}
+    assert rows_of(path)[0].value == {"messages": long_cell}
+
+
+OPEN_QUOTES = {
+    # the quote opened on line 2 is closed by the next quote (line 4), with text after it
+    "closed-late": ('prompt,completion\nq1,"a1\nq2,a2\nq3,"a3"\nq4,a4\n', "text follows a closing quote"),
+    # the quote opened on line 2 is never closed
+    "to-the-end": ('prompt,completion\n"q1,a1\nq2,a2\nq3,a3\nq4,a4\n', "runs to the end of the file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_QUOTES))
+def test_an_open_quote_is_reported_and_never_merges_rows(tmp_path, name):
+    text, reason = OPEN_QUOTES[name]
+    rows = rows_of(write(tmp_path / "d.csv", text.encode()))
+    assert [r.line for r in rows] == [2, 3, 4, 5]
+    assert rows[0].value is None and "quote never closed" in rows[0].error and reason in rows[0].error
+    assert [r.value for r in rows[1:]] == [{"prompt": f"q{i}", "completion": f"a{i}"} for i in (2, 3, 4)]
+
+
+def test_quoted_cells_with_line_breaks_are_one_record(tmp_path):
+    rows = rows_of(write(tmp_path / "d.csv", b'prompt,completion\r\n"two\r\nlines, and ""quotes""",x\r\nq,"a"\r\n'))
+    assert [(r.line, r.value) for r in rows] == [(2, {"prompt": 'two\r\nlines, and "quotes"', "completion": "x"}),
+                                                 (4, {"prompt": "q", "completion": "a"})]
+    # a record over several lines with the wrong number of cells is an open quote too: reported, lines read again
+    rows = rows_of(write(tmp_path / "e.csv", b'a,b,c\n1,"2\n4,5",6\n7,8\n'))
+    assert rows[0].line == 2 and rows[0].value == {"a": "1", "b": "2\n4,5", "c": "6"}
+    rows = rows_of(write(tmp_path / "f.csv", b'a,b,c\n1,"2\n4,5"\n7,8,9\n'))
+    assert rows[0].line == 2 and "lines 2-3 read as one record of 2 cells" in rows[0].error
+    assert rows[1].line == 3 and "expected 3 cells" in rows[1].error
+    assert rows[2].value == {"a": "7", "b": "8", "c": "9"}
 
 
 # --- properties -------------------------------------------------------------------------------
@@ -226,3 +257,47 @@ def test_no_valid_line_is_lost(lines, ascii_only, crlf, final_newline):
             assert row.error is None and row.value == item, (number, item)
         else:
             assert row.value is None and row.error, (number, item)
+
+
+JSON_VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                           max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(JSON_VALUES, max_size=8), indent=st.sampled_from([None, 1, 2]), chunk=st.integers(1, 24),
+       ascii_only=st.booleans())
+def test_json_arrays_stream_in_chunks_of_any_size(values, indent, chunk, ascii_only):
+    import tunewise.data.readers as readers
+
+    text = json.dumps(values, indent=indent, ensure_ascii=ascii_only)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write(Path(folder) / "d.json", text.encode("utf-8"))
+        whole = rows_of(path)  # default 1 MiB chunks: the file is one chunk
+        saved = readers.CHUNK_BYTES
+        readers.CHUNK_BYTES = chunk  # values, strings, numbers and UTF-8 sequences cut at every place
+        try:
+            chunked = rows_of(path)
+        finally:
+            readers.CHUNK_BYTES = saved
+    assert [r.value for r in whole] == values
+    assert chunked == whole
+
+
+def test_json_array_errors_name_the_line_even_far_into_the_file(tmp_path, monkeypatch):
+    import tunewise.data.readers as readers
+
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 64)
+    rows = [{"prompt": f"q{i}", "completion": "a" * 50} for i in range(40)]
+    text = json.dumps(rows, indent=1).replace('"q33"', '"q33" "oops"')
+    with pytest.raises(TunewiseError, match="Expecting ',' delimiter") as err:
+        rows_of(write(tmp_path / "bad.json", text.encode()))
+    assert err.value.line == text[: text.index('"oops"')].count("\n") + 1
+    with pytest.raises(TunewiseError, match="never closed"):
+        rows_of(write(tmp_path / "cut.json", json.dumps(rows)[:-1].encode()))
+    bad = json.dumps(rows, indent=1).encode().replace(b"q30", b"q\xff0")
+    with pytest.raises(TunewiseError, match="not UTF-8 text at byte") as err:
+        rows_of(write(tmp_path / "bytes.json", bad))
+    assert err.value.line == bad[: bad.index(b"\xff")].count(b"\n") + 1
+    at = bad.index(b"\xff") + 1
+    assert f"byte {at}" in str(err.value)

@@ -5,10 +5,17 @@ Formats: chat `messages`; ShareGPT `conversations` (`from`/`value`); preference
 `prompt`/`completion`; raw `text`. The format of a file is the format of its first usable row;
 rows in another format are reported, not guessed. Every bad row becomes a `Problem` with its
 line number and reason; nothing in the input is modified and nothing is dropped silently.
+
+Text cells (CSV/TSV) are decoded as JSON only where a structured value is expected: a
+`messages` / `conversations` cell always, a `prompt` / `chosen` / `rejected` cell when it is a
+JSON list of message objects. A `completion` or `output` that is a JSON answer stays text.
+Strings that are not valid Unicode (a lone surrogate from a `\\ud800` escape) are rejected.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +34,11 @@ class Problem:
     reason: str
     kind: str = "invalid"
 
+    def __post_init__(self) -> None:
+        # a reason may quote the row (a key, a role); it must still be writable as UTF-8
+        for name in ("file", "reason"):
+            object.__setattr__(self, name, _printable(getattr(self, name)))
+
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
 
@@ -38,6 +50,33 @@ class BadRow(ValueError):
     """A row that cannot become an example; the message is the reason shown to the user."""
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates written as escapes (so it encodes as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(text) else text
+
+
+def _check_unicode(value: str, field: str) -> None:
+    found = _SURROGATE.search(value)
+    if found:
+        raise BadRow(f"field '{field}' is not valid Unicode: a lone surrogate U+{ord(found.group()):04X} at character "
+                     f"{found.start() + 1} (a \\u escape without its pair); fix the text or remove the row")
+
+
+def _check_unicode_deep(value: Any, field: str) -> None:
+    if isinstance(value, str):
+        _check_unicode(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(str(key), field)
+            _check_unicode_deep(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode_deep(item, field)
+
+
 def _text(row: dict, key: str, *, optional: bool = False) -> str:
     if key not in row or row[key] is None:
         if optional:
@@ -46,6 +85,7 @@ def _text(row: dict, key: str, *, optional: bool = False) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
+    _check_unicode(value, key)
     if not value.strip() and not optional:
         raise BadRow(f"field '{key}' is empty")
     return value
@@ -207,6 +247,32 @@ def apply_mapping(row: dict, mapping: dict[str, str]) -> dict:
     return out
 
 
+STRUCTURED_CELLS = ("messages", "conversations")  # a chat: always JSON in a text cell
+CHAT_OR_TEXT_CELLS = ("prompt", "chosen", "rejected")  # a chat (JSON list of objects) or plain text
+
+
+def decode_text_cells(row: dict) -> dict:
+    """A CSV row's cells as the format expects them (see the module docstring); `row` is not modified."""
+    out = dict(row)
+    for key in STRUCTURED_CELLS:
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = json.loads(out[key])
+            except (ValueError, RecursionError) as err:
+                raise BadRow(f"column '{key}' must hold the chat as JSON, e.g. "
+                             f'[{{"role": "user", "content": "..."}}] ({err})') from None
+    for key in CHAT_OR_TEXT_CELLS:
+        value = out.get(key)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+                out[key] = parsed
+    return out
+
+
 def detect_format(row: dict) -> str | None:
     for name, fmt in FORMATS.items():
         if fmt.keys <= row.keys():
@@ -215,12 +281,14 @@ def detect_format(row: dict) -> str | None:
 
 
 def read_examples(
-    path: str | Path, *, mapping: dict[str, str] | None = None, keep: tuple[str, ...] = ()
+    path: str | Path, *, mapping: dict[str, str] | None = None, keep: tuple[str, ...] = (), strict: bool = False
 ) -> tuple[list[Example], list[Problem], str]:
     """Read one file (any container `readers` knows). Returns (examples, problems, format).
 
-    `keep` names raw fields copied into `Example.meta` (group / time keys for the split).
-    Raises TunewiseError when the file is missing, unreadable, empty, or has no usable row.
+    The file is streamed: memory grows with the examples kept, not with the file. `keep` names
+    raw fields copied into `Example.meta` (group / time keys for the split). With `strict`, the
+    first bad row raises at once. Raises TunewiseError when the file is missing, unreadable,
+    empty, or has no usable row.
     """
     path = Path(path)
     examples: list[Example] = []
@@ -229,41 +297,18 @@ def read_examples(
     n_rows = 0
     for row in iter_rows(path):
         n_rows += 1
-        if row.error is not None:
-            problems.append(Problem(str(path), row.line, row.error, "unreadable"))
+        problem, found = _example_of(row, path, mapping or {}, keep, file_format)
+        if problem is not None:
+            if strict:
+                raise TunewiseError(f"--strict: the row is '{problem.kind}': {problem.reason}", file=path,
+                                    line=problem.line, field="data.strict",
+                                    fix="fix the row, or drop --strict to skip bad rows "
+                                    "(they are listed in rejected.jsonl)")
+            problems.append(problem)
             continue
-        if not isinstance(row.value, dict):
-            problems.append(Problem(str(path), row.line, f"expected a JSON object, got {type(row.value).__name__}", "not_object"))
-            continue
-        value = apply_mapping(row.value, mapping or {})
-        found = detect_format(value)
-        if found is None:
-            known = "; ".join(f"{n}: {', '.join(sorted(f.keys))}" for n, f in FORMATS.items())
-            problems.append(Problem(
-                str(path), row.line,
-                f"unknown format (keys: {', '.join(sorted(value)) or 'none'}; known: {known}; "
-                "or map your fields with --map question=user,answer=assistant)",
-                "unknown_format",
-            ))
-            continue
-        if file_format is None:
-            file_format = found
-        elif found != file_format:
-            problems.append(Problem(str(path), row.line,
-                                    f"row is in {found} format, but the file is {file_format} (from its first row)",
-                                    "mixed_format"))
-            continue
-        try:
-            messages, rejected = FORMATS[found].normalize(value)
-        except BadRow as err:
-            problems.append(Problem(str(path), row.line, str(err), "invalid"))
-            continue
-        meta = {key: value[key] for key in keep if key in value}
-        missing = [key for key in keep if key not in value]
-        if missing:
-            problems.append(Problem(str(path), row.line, f"field '{missing[0]}' (the split key) is missing", "invalid"))
-            continue
-        examples.append(Example(messages=messages, source=f"{path.name}:{row.line}", rejected=rejected, meta=meta))
+        example, fmt = found
+        file_format = file_format or fmt
+        examples.append(example)
 
     if n_rows == 0:
         raise TunewiseError("data file is empty", file=path, field="data.path", fix="add one JSON example per line")
@@ -277,3 +322,35 @@ def read_examples(
             "'prompt'/'completion', 'text', 'prompt'/'chosen'/'rejected'), or map your fields with --map",
         )
     return examples, problems, file_format or "unknown"
+
+
+def _example_of(row, path: Path, mapping: dict[str, str], keep: tuple[str, ...],
+                file_format: str | None) -> tuple[Problem | None, tuple[Example, str] | None]:
+    """One read row as (None, (example, its format)), or (the problem, None)."""
+    if row.error is not None:
+        return Problem(str(path), row.line, row.error, "unreadable"), None
+    if not isinstance(row.value, dict):
+        reason = f"expected a JSON object, got {type(row.value).__name__}"
+        return Problem(str(path), row.line, reason, "not_object"), None
+    value = apply_mapping(row.value, mapping)
+    found = detect_format(value)
+    if found is None:
+        known = "; ".join(f"{n}: {', '.join(sorted(f.keys))}" for n, f in FORMATS.items())
+        return Problem(str(path), row.line,
+                       f"unknown format (keys: {', '.join(sorted(value)) or 'none'}; known: {known}; "
+                       "or map your fields with --map question=user,answer=assistant)", "unknown_format"), None
+    if file_format is not None and found != file_format:
+        reason = f"row is in {found} format, but the file is {file_format} (from its first row)"
+        return Problem(str(path), row.line, reason, "mixed_format"), None
+    missing = [key for key in keep if key not in value]
+    if missing:
+        return Problem(str(path), row.line, f"field '{missing[0]}' (the split key) is missing", "invalid"), None
+    try:
+        if row.text_cells:
+            value = decode_text_cells(value)
+        messages, rejected = FORMATS[found].normalize(value)
+        meta = {key: value[key] for key in keep}
+        _check_unicode_deep(meta, ", ".join(keep))
+    except BadRow as err:
+        return Problem(str(path), row.line, str(err), "invalid"), None
+    return None, (Example(messages=messages, source=f"{path.name}:{row.line}", rejected=rejected, meta=meta), found)

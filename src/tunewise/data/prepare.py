@@ -3,6 +3,13 @@
 `prepare` computes everything and writes nothing (`tunewise data check` stops there);
 `write_prepared` writes the splits, rejected.jsonl, manifest.json and the data report
 atomically. `tunewise data prepare` and `tunewise run` use the same two functions.
+
+What counts as a duplicate: the same chat (whitespace and case aside), or rows with the same
+answer whose inputs are nearly the same (MinHash) or mean the same (embeddings, with most of
+their rare words in common). Rows whose answers differ are never duplicates; with the same
+input they are conflicting labels, listed and kept. Decontamination compares training and
+held-out inputs. Both compare what is specific to each row: phrasing shared by many rows (a
+template, an instruction every row repeats) is left out (`similar.SharedPhrasing`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Callable
 
 from tunewise import __version__
 from tunewise.data import similar, stats
-from tunewise.data.clean import drop_exact_duplicates
+from tunewise.data.clean import answer_key, conflicting_labels, drop_exact_duplicates
 from tunewise.data.formats import Problem, read_examples
 from tunewise.data.outputs import detect_output_type, label_of
 from tunewise.data.records import Example, render_ids, with_system
@@ -70,7 +77,7 @@ class Prepared:
 
     splits: dict[str, list[Example]]
     problems: list[Problem]
-    clusters: list[dict]  # {"kind", "kept", "removed": [sources]}
+    clusters: list[dict]  # {"kind", "how", "kept", "removed": [sources]}
     contaminated: list[dict]  # {"source", "overlaps", "how"}
     counts: dict[str, int]
     stats: dict
@@ -79,6 +86,8 @@ class Prepared:
     split_strategy: str
     output_type: str
     lengths: list[int] = field(default_factory=list)  # tokens per kept example
+    conflicts: list[dict] = field(default_factory=list)  # {"input", "sources", "answers"}: same input, other answers
+    shared_phrasing: list[dict] = field(default_factory=list)  # {"text", "rows"}: left out when comparing rows
 
     @property
     def warnings(self) -> list[str]:
@@ -86,6 +95,12 @@ class Prepared:
         balance = self.stats.get("label_balance")
         if balance and balance.get("warning"):
             out.append(balance["warning"])
+        if self.conflicts:
+            rows = sum(len(c["sources"]) for c in self.conflicts)
+            first = self.conflicts[0]
+            out.append(f"{len(self.conflicts)} inputs have conflicting labels ({rows} rows, all kept), e.g. "
+                       f"{', '.join(first['sources'][:3])}: settle each (fix or drop the wrong answer); "
+                       "the data report lists them")
         over = self.stats.get("tokens", {}).get("over_max_seq_len", 0)
         if self.counts.get("too_long"):
             out.append(f"{self.counts['too_long']} examples are longer than max_seq_len and were dropped")
@@ -98,15 +113,68 @@ def _chat_tokens(tokenizer, example: Example, system_prompt: str) -> int:
     return len(render_ids(tokenizer, with_system(example.messages, system_prompt)))
 
 
-def _drop_clusters(examples: list[Example], clusters: list[list[int]], kind: str) -> tuple[list[Example], list[dict]]:
+def _drop_clusters(examples: list[Example], clusters: list[list[int]], kind: str,
+                   how: str) -> tuple[list[Example], list[dict]]:
     """Keep the first member of each cluster; report every cluster and which member was kept."""
     removed: set[int] = set()
     report = []
     for members in clusters:
         removed.update(members[1:])
-        report.append({"kind": kind, "kept": examples[members[0]].source,
+        report.append({"kind": kind, "how": how, "kept": examples[members[0]].source,
                        "removed": [examples[i].source for i in members[1:]]})
     return [e for i, e in enumerate(examples) if i not in removed], report
+
+
+def _compared_input(example: Example) -> str:
+    """What dedup compares: the input, or the text itself for a row without a prompt."""
+    return example.input_text or example.target
+
+
+def _answer_group(example: Example) -> str:
+    """Rows pair up as duplicates only within one group: the same answer (rows without a
+    prompt compare their text, so they share one group)."""
+    return answer_key(example) if example.prompt_messages else ""
+
+
+def _drop_similar(examples: list[Example], s: DataSettings, counts: dict, clusters: list[dict],
+                  log: Callable[[str], None]) -> tuple[list[Example], list[dict]]:
+    """Near and semantic duplicates: the same answer, nearly the same row-specific input, and most
+    of the input's rare words in common (short rows that differ by an id or a number are distinct)."""
+    inputs = [_compared_input(e) for e in examples]
+    # phrasing repeated under several answers is scaffolding; repeated under one answer it is content
+    labels = [_answer_group(e) if e.prompt_messages else i for i, e in enumerate(examples)]
+    shared = similar.SharedPhrasing(inputs, labels=labels)
+    specific = shared.strip(inputs)
+    same_words = lambda i, j: shared.word_overlap(inputs[i], inputs[j]) >= similar.MIN_WORD_OVERLAP  # noqa: E731
+    if s.near_dup_threshold is not None:
+        found = similar.near_duplicate_clusters(specific, threshold=s.near_dup_threshold,
+                                                groups=[_answer_group(e) for e in examples], keep_pair=same_words)
+        keep = _survivors(len(examples), found)
+        examples, report = _drop_clusters(examples, found, "near",
+                                          f"same answer, inputs MinHash Jaccard >= {s.near_dup_threshold} and "
+                                          f"rare-word overlap >= {similar.MIN_WORD_OVERLAP} (shared phrasing left out)")
+        inputs, specific = [inputs[i] for i in keep], [specific[i] for i in keep]
+        clusters += report
+        counts["near_duplicates"] = sum(len(c["removed"]) for c in report)
+    if s.semantic_threshold is not None:
+        log(f"embedding {len(examples)} examples for semantic duplicates")
+        found = similar.semantic_duplicate_clusters(specific, threshold=s.semantic_threshold,
+                                                    groups=[_answer_group(e) for e in examples], keep_pair=same_words)
+        examples, report = _drop_clusters(examples, found, "semantic",
+                                          f"same answer, inputs cosine > {s.semantic_threshold} and rare-word "
+                                          f"overlap >= {similar.MIN_WORD_OVERLAP} (shared phrasing left out)")
+        clusters += report
+        counts["semantic_duplicates"] = sum(len(c["removed"]) for c in report)
+    return examples, _phrasing(shared)
+
+
+def _survivors(n: int, clusters: list[list[int]]) -> list[int]:
+    removed = {i for members in clusters for i in members[1:]}
+    return [i for i in range(n) if i not in removed]
+
+
+def _phrasing(shared: similar.SharedPhrasing, top: int = 5) -> list[dict]:
+    return [{"text": text, "rows": rows} for text, rows in shared.phrases.most_common(top)]
 
 
 def _split(examples: list[Example], s: DataSettings, output_type: str) -> tuple[dict[str, list[Example]], str]:
@@ -129,18 +197,28 @@ def _split(examples: list[Example], s: DataSettings, output_type: str) -> tuple[
 
 
 def _contamination(train: list[Example], held_out: list[Example], s: DataSettings) -> dict[int, tuple[int, str]]:
-    """train index -> (held-out index, how) for training prompts that overlap a held-out prompt."""
+    """train index -> (held-out index, how) for training inputs that repeat a held-out input's own
+    content (phrasing shared by many rows of the pool is left out of the comparison)."""
     train_texts = [e.prompt_text or e.text for e in train]
     eval_texts = [e.prompt_text or e.text for e in held_out]
+    shared = similar.SharedPhrasing(train_texts + eval_texts)
+    train_specific, eval_specific = shared.strip(train_texts), shared.strip(eval_texts)
+    same_words = lambda i, j: shared.word_overlap(train_texts[i], eval_texts[j]) >= similar.MIN_WORD_OVERLAP  # noqa: E731
     found: dict[int, tuple[int, str]] = {}
-    for i, j in similar.ngram_overlaps(train_texts, eval_texts).items():
-        found[i] = (j, "13-gram overlap")
+    for i, j in similar.ngram_overlaps(train_specific, eval_specific).items():
+        found[i] = (j, "13-gram overlap (or the same input, when shorter)")
     if s.near_dup_threshold is not None:
-        for i, j in similar.cross_near_duplicates(train_texts, eval_texts, threshold=s.near_dup_threshold).items():
-            found.setdefault(i, (j, f"near-duplicate (MinHash Jaccard >= {s.near_dup_threshold})"))
+        hits = similar.cross_near_duplicates(train_specific, eval_specific, threshold=s.near_dup_threshold,
+                                             keep_pair=same_words)
+        for i, j in hits.items():
+            found.setdefault(i, (j, f"near-duplicate input (MinHash Jaccard >= {s.near_dup_threshold}, "
+                                    f"rare-word overlap >= {similar.MIN_WORD_OVERLAP})"))
     if s.semantic_threshold is not None:
-        for i, j in similar.cross_semantic_duplicates(train_texts, eval_texts, threshold=s.semantic_threshold).items():
-            found.setdefault(i, (j, f"semantic duplicate (cosine > {s.semantic_threshold})"))
+        hits = similar.cross_semantic_duplicates(train_specific, eval_specific, threshold=s.semantic_threshold,
+                                                 keep_pair=same_words)
+        for i, j in hits.items():
+            found.setdefault(i, (j, f"semantic duplicate input (cosine > {s.semantic_threshold}, "
+                                    f"rare-word overlap >= {similar.MIN_WORD_OVERLAP})"))
     return found
 
 
@@ -153,18 +231,11 @@ def prepare(
     problems: list[Problem] = []
     formats: dict[str, str] = {}
     for path in paths:
-        found, bad, fmt = read_examples(path, mapping=s.mapping, keep=keep)
+        found, bad, fmt = read_examples(path, mapping=s.mapping, keep=keep, strict=s.strict)
         examples += found
         problems += bad
         formats[str(path)] = fmt
     counts: dict[str, int] = {"read": len(examples) + len(problems), "rejected": len(problems)}
-    if s.strict and problems:
-        kinds = Counter(p.kind for p in problems)
-        first = problems[0]
-        raise TunewiseError(
-            f"--strict: {kinds[first.kind]} rows are '{first.kind}', the first: {first.reason}",
-            file=first.file, line=first.line, field="data.strict", fix="fix the rows, or drop --strict to skip them",
-        )
     log(f"read {counts['read']} rows from {len(paths)} file(s): {len(examples)} valid, {len(problems)} rejected")
 
     tokens: dict[int, int] = {}  # id(example) -> tokens under the chat template
@@ -182,24 +253,12 @@ def prepare(
     clusters: list[dict] = []
     before = len(examples)
     kept, duplicates = drop_exact_duplicates(examples)
-    exact = [{"kind": "exact", "kept": k, "removed": v} for k, v in _group_duplicates(duplicates).items()]
-    clusters += exact
+    clusters += [{"kind": "exact", "how": "the same chat, whitespace and case aside", "kept": k, "removed": v}
+                 for k, v in _group_duplicates(duplicates).items()]
     counts["exact_duplicates"] = before - len(kept)
-    examples = kept
-    if s.near_dup_threshold is not None:
-        examples, found = _drop_clusters(
-            examples, similar.near_duplicate_clusters([e.text for e in examples], threshold=s.near_dup_threshold), "near"
-        )
-        clusters += found
-        counts["near_duplicates"] = sum(len(c["removed"]) for c in found)
-    if s.semantic_threshold is not None:
-        log(f"embedding {len(examples)} examples for semantic duplicates")
-        examples, found = _drop_clusters(
-            examples, similar.semantic_duplicate_clusters([e.text for e in examples], threshold=s.semantic_threshold),
-            "semantic",
-        )
-        clusters += found
-        counts["semantic_duplicates"] = sum(len(c["removed"]) for c in found)
+    conflicts = conflicting_labels(kept)
+    counts["conflicts"] = len(conflicts)
+    examples, shared_phrasing = _drop_similar(kept, s, counts, clusters, log)
     counts["sampled_out"] = 0
     if s.max_examples is not None and len(examples) > s.max_examples:
         counts["sampled_out"] = len(examples) - s.max_examples
@@ -237,7 +296,8 @@ def prepare(
     return Prepared(
         splits=splits, problems=problems, clusters=clusters, contaminated=contaminated, counts=counts,
         stats=summary, formats=formats, inputs={str(p): sha256_file(Path(p)) for p in [*paths, *s.eval_files]},
-        split_strategy=strategy, output_type=output_type, lengths=lengths,
+        split_strategy=strategy, output_type=output_type, lengths=lengths, conflicts=conflicts,
+        shared_phrasing=shared_phrasing,
     )
 
 
@@ -277,6 +337,8 @@ def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, previe
         "stats": prepared.stats,
         "warnings": prepared.warnings,
         "clusters": prepared.clusters,
+        "conflicts": prepared.conflicts,
+        "shared_phrasing": prepared.shared_phrasing,
         "contaminated": prepared.contaminated,
     }
     manifest["version"] = dataset_version(manifest)

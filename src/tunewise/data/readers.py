@@ -7,11 +7,15 @@ Containers (`detect_container`):
   is not UTF-8, not JSON, or nested too deeply becomes an error `Row`; the other lines still read.
 - `json`: a `.json` file whose first non-space character is `[` (a JSON array: one row per
   element) or whose first line is a lone `{` (pretty-printed JSON: one row per top-level value).
-  The file is parsed whole; if it is not valid JSON, `TunewiseError` says where.
+  Read in 1 MiB chunks, one value at a time; if it is not valid JSON, `TunewiseError` says where
+  (the rows before the error were already yielded: the caller rejects the file as a whole).
 - `csv`: `.csv`, and `.tsv` (tab-separated). The first non-blank record is the header (names
-  stripped of spaces). Cells stay strings, empty cells stay "", except that a cell whose
-  stripped text starts with `[` or `{` and parses as JSON is decoded (a `messages` column
-  written with `json.dumps`). Rows whose cells are all blank are skipped like blank lines.
+  stripped of spaces). Cells stay text, empty cells stay "" (`Row.text_cells` is set: the format
+  decides which columns hold JSON, see `formats`). Rows whose cells are all blank are skipped
+  like blank lines. Quoting is strict: a quote that is never closed, or text after a closing
+  quote, makes the record an error row at the line where it starts, and the lines it swallowed
+  are read again as records of their own, so an open quote never merges rows. A record that
+  spans several lines (a quoted cell with line breaks) is kept when it has the header's cells.
 - `parquet`: read with pyarrow in record batches; lists and structs become lists and dicts.
 - `datasets`: a folder written by `datasets` `save_to_disk` (it holds `dataset_info.json`,
   `state.json`, or `dataset_dict.json`). For a `DatasetDict` the "train" split is read if there
@@ -25,10 +29,12 @@ decides. Whole-file problems (missing, unreadable, unsupported, not valid JSON a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import re
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +52,9 @@ BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 JSON_SPACE = " \t\r\n"
 BATCH_ROWS = 1024
+CHUNK_BYTES = 1 << 20
+MAX_VALUE_CHARS = 1 << 26  # 64 Mi characters: past this a JSON value is a bracket left open
+MAX_CELL_CHARS = 1 << 25  # 32 Mi characters: past this a cell is an open quote, not an example
 _SPACE = re.compile(r"[ \t\r\n]*")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a non-UTF-8 byte
 
@@ -57,6 +66,7 @@ class Row:
     line: int
     value: object | None
     error: str | None
+    text_cells: bool = False  # every value is the text of a CSV cell (nothing decoded)
 
 
 def detect_container(path: Path) -> str:
@@ -158,102 +168,209 @@ def _jsonl_row(number: int, raw: bytes) -> Row | None:
 # --- JSON array / pretty-printed JSON ---------------------------------------------------------
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    """Rows of a JSON array (one per element) or of top-level JSON values; the file is parsed whole first."""
+    """Rows of a JSON array (one per element) or of top-level JSON values, streamed: memory holds
+    one chunk and the value being read, whatever the file's size."""
     with _open_binary(path) as handle:
-        data = handle.read().removeprefix(BOM)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TunewiseError(f"not UTF-8 text at byte {err.start + 1}", file=path,
-                            line=data.count(b"\n", 0, err.start) + 1, fix="save the file as UTF-8") from err
-    yield from _json_values(text, path)
+        yield from _json_values(_TextWindow(handle, path), path)
 
 
-def _json_values(text: str, path: Path) -> list[Row]:
-    """Scan `text` as one array (rows = its elements) or as whitespace-separated values."""
-    decoder = json.JSONDecoder()
-    pos = _skip_space(text, 0)
-    in_array = text.startswith("[", pos)
-    if in_array:
-        pos = _skip_space(text, pos + 1)
-        if text.startswith("]", pos):
-            return _expect_end(text, _skip_space(text, pos + 1), path, [])
-    rows: list[Row] = []
-    line, counted = 1, 0
-    while pos < len(text):
-        line += text.count("\n", counted, pos)
-        counted = pos
+class _TextWindow:
+    """The UTF-8 text of a binary file, read in chunks. `text` is what was read and not yet
+    dropped; positions are relative to it, and `base_line` counts the lines dropped before it."""
+
+    def __init__(self, handle: BinaryIO, path: Path) -> None:
+        self._handle, self._path = handle, path
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._bytes = 0  # bytes read, after the BOM
+        self._first = True
+        self.text, self.base_line, self.eof = "", 0, False
+
+    def more(self, at_least: int = 0) -> bool:
+        """Read the next chunk into `text`; False at the end of the file."""
+        if self.eof:
+            return False
+        data = self._handle.read(max(at_least, CHUNK_BYTES))
+        if self._first:
+            data, self._first = data.removeprefix(BOM), False
+        pending = len(self._decoder.getstate()[0])
         try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise _json_error(path, err.msg, text, err.pos) from err
-        except RecursionError as err:
-            raise TunewiseError("JSON nested too deeply", file=path, line=line) from err
-        except ValueError as err:
-            raise _json_error(path, str(err), text, pos) from err
-        rows.append(Row(line, value, None))
-        pos = _skip_space(text, end)
+            piece = self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError as err:
+            at = self._bytes - pending + err.start
+            line = self.base_line + self.text.count("\n") + data.count(b"\n", 0, max(err.start - pending, 0)) + 1
+            raise TunewiseError(f"not UTF-8 text at byte {at + 1}", file=self._path, line=line,
+                                fix="save the file as UTF-8") from err
+        self._bytes += len(data)
+        self.text += piece
+        self.eof = not data
+        return True
+
+    def drop(self, pos: int) -> None:
+        """Forget the text before `pos` (positions shift by `pos`)."""
+        self.base_line += self.text.count("\n", 0, pos)
+        self.text = self.text[pos:]
+
+    def skip_space(self, pos: int) -> int:
+        """The first non-space position from `pos`, reading on as needed (len(text) at the end)."""
+        while True:
+            match = _SPACE.match(self.text, pos)
+            pos = match.end() if match else pos
+            if pos < len(self.text) or not self.more():
+                return pos
+
+    def decode(self, decoder: json.JSONDecoder, pos: int) -> tuple[object, int]:
+        """The JSON value at `pos` and where it ends, reading on while it may continue."""
+        while True:
+            if len(self.text) - pos > MAX_VALUE_CHARS:
+                raise self.error(f"a JSON value runs past {MAX_VALUE_CHARS:,} characters (is a quote or a "
+                                 "bracket left open?)", pos)
+            try:
+                value, end = decoder.raw_decode(self.text, pos)
+            except json.JSONDecodeError as err:
+                cut = err.msg.startswith("Unterminated string") or err.pos >= len(self.text) - 32
+                if cut and self.more(len(self.text) - pos):
+                    continue
+                raise self.error(f"not valid JSON: {err.msg}", err.pos) from err
+            except RecursionError as err:
+                raise TunewiseError("JSON nested too deeply", file=self._path, line=self.line(pos)) from err
+            except ValueError as err:
+                raise self.error(f"not valid JSON: {err}", pos) from err
+            if end >= len(self.text) - 32 and self.more():  # a number at the chunk's end may go on ("1." + "5")
+                continue
+            return value, end
+
+    def line(self, pos: int) -> int:
+        return self.base_line + self.text.count("\n", 0, pos) + 1
+
+    def error(self, message: str, pos: int) -> TunewiseError:
+        column = pos - self.text.rfind("\n", 0, pos)
+        truncated = " (the file ends early: it looks truncated)" if pos >= len(self.text) and self.eof else ""
+        return TunewiseError(f"{message} (column {column}){truncated}", file=self._path, line=self.line(pos),
+                             fix="a .json file must be one JSON array of objects; or use .jsonl, one object per line")
+
+
+def _json_values(window: _TextWindow, path: Path) -> Iterator[Row]:
+    """Scan the file as one array (rows = its elements) or as whitespace-separated values."""
+    decoder = json.JSONDecoder()
+    pos = window.skip_space(0)
+    in_array = window.text.startswith("[", pos)
+    if in_array:
+        pos = window.skip_space(pos + 1)
+        if window.text.startswith("]", pos):
+            _expect_end(window, pos + 1)
+            return
+    while pos < len(window.text):
+        if pos >= CHUNK_BYTES:  # keep the window small: drop what was read
+            window.drop(pos)
+            pos = 0
+        line = window.line(pos)
+        value, end = window.decode(decoder, pos)
+        yield Row(line, value, None)
+        pos = window.skip_space(end)
         if not in_array:
             continue
-        if text.startswith(",", pos):
-            pos = _skip_space(text, pos + 1)
-        elif text.startswith("]", pos):
-            return _expect_end(text, _skip_space(text, pos + 1), path, rows)
+        if window.text.startswith(",", pos):
+            pos = window.skip_space(pos + 1)
+        elif window.text.startswith("]", pos):
+            _expect_end(window, pos + 1)
+            return
         else:
-            raise _json_error(path, "Expecting ',' delimiter" if pos < len(text) else "the array is never closed",
-                              text, pos)
+            raise window.error("not valid JSON: Expecting ',' delimiter" if pos < len(window.text)
+                               else "not valid JSON: the array is never closed", pos)
     if in_array:
-        raise _json_error(path, "the array is never closed", text, pos)
-    return rows
+        raise window.error("not valid JSON: the array is never closed", pos)
 
 
-def _skip_space(text: str, pos: int) -> int:
-    match = _SPACE.match(text, pos)
-    return match.end() if match else pos
-
-
-def _expect_end(text: str, pos: int, path: Path, rows: list[Row]) -> list[Row]:
-    if pos < len(text):
-        raise _json_error(path, "Extra data after the array", text, pos)
-    return rows
-
-
-def _json_error(path: Path, message: str, text: str, pos: int) -> TunewiseError:
-    line = text.count("\n", 0, pos) + 1
-    column = pos - text.rfind("\n", 0, pos)
-    truncated = " (the file ends early: it looks truncated)" if pos >= len(text) else ""
-    return TunewiseError(f"not valid JSON: {message} (column {column}){truncated}", file=path, line=line,
-                         fix="a .json file must be one JSON array of objects; or use .jsonl, one object per line")
+def _expect_end(window: _TextWindow, pos: int) -> None:
+    pos = window.skip_space(pos)
+    if pos < len(window.text):
+        raise window.error("not valid JSON: Extra data after the array", pos)
 
 
 # --- CSV / TSV --------------------------------------------------------------------------------
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
-    """Rows of a CSV/TSV file, keyed by the header; a non-UTF-8 or ragged record is an error row."""
-    with _open_binary(path) as binary, _csv_field_limit(1 << 30):
+    """Rows of a CSV/TSV file, keyed by the header; a non-UTF-8, ragged or badly quoted record is an error row."""
+    with _open_binary(path) as binary, _csv_field_limit(MAX_CELL_CHARS):
         text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.reader(text, delimiter=delimiter)
+        feed = _LineFeed(text)
+        reader = csv.reader(feed, delimiter=delimiter, strict=True)
         header: list[str] | None = None
         while True:
-            start = reader.line_num + 1
+            feed.start_record()
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                yield Row(start, None, f"not valid CSV ({err})")
+                if not feed.taken:
+                    return
+                yield Row(feed.taken[0][0], None, _quote_problem(str(err), feed.taken))
+                feed.push_back(feed.taken[1:])  # what the bad record swallowed is read again
                 continue
+            start, end = feed.taken[0][0], feed.taken[-1][0]
             if not any(cell.strip() for cell in cells):
                 continue
             if header is None:
                 header = _csv_header(cells, path, start)
                 continue
-            yield _csv_row(start, reader.line_num, header, cells)
+            if end > start and len(cells) != len(header):
+                yield Row(start, None, f"quote never closed: lines {start}-{end} read as one record of {len(cells)} "
+                                       f"cells, the header has {len(header)}; close the quote (a quote inside a "
+                                       'quoted cell is written "")')
+                feed.push_back(feed.taken[1:])
+                continue
+            yield _csv_row(start, header, cells)
+
+
+class _LineFeed:
+    """The physical lines of a text file for `csv.reader`, with their numbers; the lines of the
+    record being read are kept in `taken`, and lines can be pushed back to be read again."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = iter(lines)
+        self._back: deque[tuple[int, str]] = deque()
+        self._number = 0
+        self.taken: list[tuple[int, str]] = []
+
+    def __iter__(self) -> "_LineFeed":
+        return self
+
+    def __next__(self) -> str:
+        if self._back:
+            item = self._back.popleft()
+        else:
+            item = (self._number + 1, next(self._lines))
+            self._number += 1
+        self.taken.append(item)
+        return item[1]
+
+    def start_record(self) -> None:
+        self.taken = []
+
+    def push_back(self, items: list[tuple[int, str]]) -> None:
+        self._back.extendleft(reversed(items))
+
+
+def _quote_problem(error: str, taken: list[tuple[int, str]]) -> str:
+    """The reason for a record that `csv` rejected in strict mode (`taken`: its lines)."""
+    start, end = taken[0][0], taken[-1][0]
+    fix = 'close the quote (a quote inside a quoted cell is written "")'
+    if error == "unexpected end of data":
+        return (f"quote never closed: the quote in the record starting on line {start} runs to the end of the "
+                f"file; {fix}")
+    if "expected after" in error:
+        where = f"on line {start}" if end == start else f"from line {start} to line {end}"
+        return f"quote never closed where its cell ends: text follows a closing quote {where}; {fix}"
+    if "field larger than field limit" in error:
+        return (f"a cell from line {start} runs past {MAX_CELL_CHARS:,} characters (to line {end}): "
+                f"is a quote left open? {fix}")
+    return f"not valid CSV ({error})"
 
 
 @contextmanager
 def _csv_field_limit(limit: int) -> Iterator[None]:
-    """Raise the csv module's 128 KiB cell limit (a long `messages` cell is normal) while reading."""
+    """Set the csv module's cell limit (128 KiB by default; a long `messages` cell is normal) while reading."""
     previous = csv.field_size_limit(limit)
     try:
         yield
@@ -272,27 +389,13 @@ def _csv_header(cells: list[str], path: Path, line: int) -> list[str]:
     return names
 
 
-def _csv_row(start: int, end: int, header: list[str], cells: list[str]) -> Row:
+def _csv_row(start: int, header: list[str], cells: list[str]) -> Row:
     if len(cells) != len(header):
-        reason = f"expected {len(header)} cells like the header, got {len(cells)}"
-        if end > start:
-            reason += f" (the record runs from line {start} to line {end}: is a quote left open?)"
-        return Row(start, None, reason)
+        return Row(start, None, f"expected {len(header)} cells like the header, got {len(cells)}")
     for name, cell in zip(header, cells):
         if _ESCAPED_BYTE.search(cell):
             return Row(start, None, f"column '{name}' is not UTF-8 text; save the file as UTF-8")
-    return Row(start, {name: decode_json_cell(cell) for name, cell in zip(header, cells)}, None)
-
-
-def decode_json_cell(cell: str) -> object:
-    """The JSON value of a cell whose stripped text starts with `[` or `{` and parses; else the cell."""
-    stripped = cell.strip()
-    if not stripped.startswith(("[", "{")):
-        return cell
-    try:
-        return json.loads(stripped)
-    except (ValueError, RecursionError):
-        return cell
+    return Row(start, dict(zip(header, cells)), None, text_cells=True)
 
 
 # --- Parquet / datasets folder ----------------------------------------------------------------

@@ -32,6 +32,11 @@ class Example:
         return self.messages[-1]["content"]
 
     @property
+    def input_text(self) -> str:
+        """Every turn before the final assistant turn, one string ("" for raw text)."""
+        return "\n".join(m["content"] for m in self.prompt_messages)
+
+    @property
     def prompt_text(self) -> str:
         """The user-side text (what a test item asks), for decontamination."""
         return "\n".join(m["content"] for m in self.messages if m["role"] == "user")

@@ -3,13 +3,20 @@ and train/eval contamination (long n-gram overlap, MinHash, embeddings).
 
 Every function takes plain strings, one per example (the caller joins an example's turns),
 and returns indices: clusters within one list, or train index -> eval index across two.
+
+Rows written from a template share phrasing that says nothing about any one example (one
+Alpaca instruction on every row, "Package: ... Description: ..."). `SharedPhrasing` finds it
+in a pool of rows and strips it, so the checks compare what is specific to each example, and
+`word_overlap` weighs words by how rare they are in the pool (a word on every row weighs 0).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -39,6 +46,108 @@ class Encoder(Protocol):
         convert_to_numpy: bool,
         show_progress_bar: bool,
     ) -> np.ndarray: ...
+
+
+PairFilter = Callable[[int, int], bool]
+
+# A word n-gram found in this many rows is shared phrasing, not one example's content: a test row
+# leaked into training touches 2 or 3 rows (duplicates among the leaked copies go first).
+SHARED_MIN_ROWS = 4
+SHARED_NGRAM = 5
+MIN_WORD_OVERLAP = 0.5  # rarity-weighted word Jaccard two rows must reach to count as the same content
+
+
+# ---- shared phrasing ----------------------------------------------------------------------
+
+
+class SharedPhrasing:
+    """What the rows of one pool share: word n-grams found in `min_rows` or more rows (a template,
+    an instruction every row repeats), and how many rows each word occurs in.
+
+    With `labels` (one per row, e.g. its answer), an n-gram is shared only if it also occurs under
+    two labels or more: an instruction repeated on rows of every answer is shared phrasing, while
+    a description repeated on rows of one answer is content (the evidence that they are duplicates).
+
+    `strip` drops the words shared n-grams cover, keeping each row's own content; `word_overlap`
+    compares two rows' words weighted by rarity (log N/df), so shared words count for little.
+    Memory: one 64-bit hash per distinct n-gram of a row, and one count per distinct word.
+    """
+
+    def __init__(self, texts: Sequence[str], *, labels: Sequence[Hashable] | None = None,
+                 ngram: int = SHARED_NGRAM, min_rows: int = SHARED_MIN_ROWS) -> None:
+        self.ngram, self.min_rows, self.n_rows = ngram, min_rows, len(texts)
+        self.word_rows: Counter[str] = Counter()
+        hashes = []
+        for text in texts:
+            words = [w.lower() for w in _WORD.findall(text)]
+            self.word_rows.update(set(words))
+            hashes.append(np.unique(np.fromiter(self._gram_hashes(words), dtype=np.int64)))
+        self.shared: set[int] = self._shared(hashes, labels)
+        self.phrases: Counter[str] = Counter()  # the shared runs `strip` removed, with their row counts
+
+    def _shared(self, hashes: list[np.ndarray], labels: Sequence[Hashable] | None) -> set[int]:
+        grams = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)  # one entry per (row, distinct n-gram)
+        if labels is None:
+            values, rows = np.unique(grams, return_counts=True)
+            return set(values[rows >= self.min_rows].tolist())
+        ids = {label: k for k, label in enumerate(dict.fromkeys(labels))}
+        label_of = np.repeat(np.array([ids[label] for label in labels], dtype=np.int64), [len(h) for h in hashes])
+        order = np.lexsort((label_of, grams))  # by n-gram, then label
+        g, lab = grams[order], label_of[order]
+        values, starts, rows = np.unique(g, return_index=True, return_counts=True)  # g is sorted: starts are runs
+        new_label = np.ones(len(g), dtype=np.int64)
+        new_label[1:] = (g[1:] != g[:-1]) | (lab[1:] != lab[:-1])
+        n_labels = np.add.reduceat(new_label, starts) if len(g) else np.zeros(0, np.int64)
+        return set(values[(rows >= self.min_rows) & (n_labels >= 2)].tolist())
+
+    def _gram_hashes(self, words: list[str]) -> Iterable[int]:
+        return (hash(tuple(words[i : i + self.ngram])) for i in range(len(words) - self.ngram + 1))
+
+    def strip(self, texts: Iterable[str]) -> list[str]:
+        """Each text as its words that no shared n-gram covers, joined by spaces. A text made only
+        of shared phrasing keeps all its words (it is then compared whole); one with no words at
+        all (emoji, punctuation) is returned as it is."""
+        out = []
+        for text in texts:
+            words = _WORD.findall(text)
+            if not words:
+                out.append(text)
+                continue
+            covered = np.zeros(len(words), dtype=bool)
+            if self.shared:
+                for i, gram in enumerate(self._gram_hashes([w.lower() for w in words])):
+                    if gram in self.shared:
+                        covered[i : i + self.ngram] = True
+            if covered.all() or not covered.any():
+                out.append(" ".join(words))
+                continue
+            self.phrases.update(_runs(words, covered))
+            out.append(" ".join(w for w, c in zip(words, covered) if not c))
+        return out
+
+    def weight(self, word: str) -> float:
+        """log(N / rows with the word): 0 for a word on every row; a word not in the pool counts as once."""
+        return math.log(max(self.n_rows, 1) / max(self.word_rows.get(word, 1), 1))
+
+    def word_overlap(self, a: str, b: str) -> float:
+        """Jaccard of the two texts' word sets, each word weighted by `weight` (1.0 when both are empty)."""
+        wa, wb = {w.lower() for w in _WORD.findall(a)}, {w.lower() for w in _WORD.findall(b)}
+        union = sum(self.weight(w) for w in wa | wb)
+        return 1.0 if union == 0 else sum(self.weight(w) for w in wa & wb) / union
+
+
+def _runs(words: list[str], covered: np.ndarray) -> set[str]:
+    """The maximal runs of covered words, lowercased, one entry per distinct run."""
+    runs, current = set(), []
+    for word, c in zip(words, covered):
+        if c:
+            current.append(word.lower())
+        elif current:
+            runs.add(" ".join(current))
+            current = []
+    if current:
+        runs.add(" ".join(current))
+    return runs
 
 
 # ---- shared: union-find clusters ---------------------------------------------------------
@@ -99,26 +208,33 @@ def _index(threshold: float, num_perm: int) -> MinHashLSH:
 
 
 def near_duplicate_clusters(
-    texts: list[str], *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 1
+    texts: list[str], *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 1,
+    groups: Sequence[Hashable] | None = None, keep_pair: PairFilter | None = None,
 ) -> list[list[int]]:
-    """Clusters of texts whose estimated Jaccard similarity of shingles is >= `threshold`.
+    """Clusters of texts whose estimated Jaccard similarity of shingles is >= `threshold`; with
+    `groups`, only texts of the same group pair up (rows with the same answer, say), and
+    `keep_pair(i, j)` (i < j) can veto a pair.
 
     LSH proposes candidate pairs, `MinHash.jaccard` confirms them, union-find joins them.
     """
     sketches = _minhashes(texts, num_perm, ngram, seed)
     lsh = _index(threshold, num_perm)
-    first_of: dict[bytes, int] = {}  # signature -> first text with it
+    first_of: dict[tuple, int] = {}  # (group, signature) -> first text with it
     pairs: list[tuple[int, int]] = []
     for i, sketch in enumerate(sketches):
-        signature = sketch.hashvalues.tobytes()
+        group = None if groups is None else groups[i]
+        signature = (group, sketch.hashvalues.tobytes())
         if signature in first_of:
-            # same signature, same candidates and estimates: joining it to the first is
-            # lossless, and keeps buckets small when a text repeats thousands of times
-            pairs.append((first_of[signature], i))
-            continue
+            # same group and signature, same candidates and estimates: joining it to the first
+            # is lossless, and keeps buckets small when a text repeats thousands of times
+            if keep_pair is None or keep_pair(first_of[signature], i):
+                pairs.append((first_of[signature], i))
+                continue
         first_of[signature] = i
         # query before insert: each pair is seen once, from its later member
-        pairs += [(j, i) for j in lsh.query(sketch) if sketch.jaccard(sketches[j]) >= threshold]
+        pairs += [(j, i) for j in lsh.query(sketch)
+                  if (groups is None or groups[j] == group) and sketch.jaccard(sketches[j]) >= threshold
+                  and (keep_pair is None or keep_pair(j, i))]
         lsh.insert(i, sketch, check_duplication=False)
     return _clusters(len(texts), pairs)
 
@@ -131,8 +247,10 @@ def cross_near_duplicates(
     num_perm: int = 128,
     ngram: int = 5,
     seed: int = 1,
+    keep_pair: PairFilter | None = None,
 ) -> dict[int, int]:
-    """Train index -> the eval index with the highest estimated Jaccard, where that is >= `threshold`.
+    """Train index -> the eval index with the highest estimated Jaccard, where that is >= `threshold`
+    and `keep_pair(train index, eval index)` (when given) accepts the pair.
 
     Ties go to the lowest eval index.
     """
@@ -146,10 +264,13 @@ def cross_near_duplicates(
             lsh.insert(j, sketch, check_duplication=False)
     found: dict[int, int] = {}
     for i, sketch in enumerate(_minhashes(train_texts, num_perm, ngram, seed)):
-        scored = [(sketch.jaccard(eval_sketches[j]), -j) for j in lsh.query(sketch)]
-        best = max(scored, default=None)
-        if best is not None and best[0] >= threshold:
-            found[i] = -best[1]
+        scored = sorted(((sketch.jaccard(eval_sketches[j]), -j) for j in lsh.query(sketch)), reverse=True)
+        for score, j in scored:
+            if score < threshold:
+                break
+            if keep_pair is None or keep_pair(i, -j):
+                found[i] = -j
+                break
     return found
 
 
@@ -205,12 +326,28 @@ def semantic_duplicate_clusters(
     batch_size: int = 64,
     encoder: Encoder | None = None,
     block: int = 2048,
+    groups: Sequence[Hashable] | None = None,
+    keep_pair: PairFilter | None = None,
 ) -> list[list[int]]:
-    """Clusters of texts whose embedding cosine similarity is > `threshold` (union-find, so chains join)."""
-    if len(texts) < 2:
+    """Clusters of texts whose embedding cosine similarity is > `threshold` (union-find, so chains join).
+
+    With `groups`, only texts of the same group pair up, and texts alone in their group are not
+    embedded at all; `keep_pair(i, j)` (i < j) can veto a pair the cosine found.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for i in range(len(texts)):
+        members.setdefault(None if groups is None else groups[i], []).append(i)
+    blocks = [m for m in members.values() if len(m) >= 2]
+    wanted = sorted(i for m in blocks for i in m)
+    if not wanted:
         return []
-    vectors = embed(texts, batch_size=batch_size, encoder=encoder)  # (N, D)
-    return _clusters(len(texts), _similar_pairs(vectors, threshold, block))
+    vectors = embed([texts[i] for i in wanted], batch_size=batch_size, encoder=encoder)  # (W, D)
+    row_of = {i: k for k, i in enumerate(wanted)}
+    pairs: list[tuple[int, int]] = []
+    for group in blocks:
+        found = _similar_pairs(vectors[[row_of[i] for i in group]], threshold, block)
+        pairs += [(group[a], group[b]) for a, b in found if keep_pair is None or keep_pair(group[a], group[b])]
+    return _clusters(len(texts), pairs)
 
 
 def cross_semantic_duplicates(
@@ -221,8 +358,10 @@ def cross_semantic_duplicates(
     batch_size: int = 64,
     encoder: Encoder | None = None,
     block: int = 2048,
+    keep_pair: PairFilter | None = None,
 ) -> dict[int, int]:
-    """Train index -> the most similar eval index, where their cosine is > `threshold`."""
+    """Train index -> the most similar eval index, where their cosine is > `threshold` and
+    `keep_pair(train index, eval index)` (when given) accepts the pair."""
     if not train_texts or not eval_texts:
         return {}
     train = embed(train_texts, batch_size=batch_size, encoder=encoder)  # (N, D)
@@ -230,9 +369,16 @@ def cross_semantic_duplicates(
     found: dict[int, int] = {}
     for start in range(0, len(train), block):
         sims = train[start : start + block] @ evals.T  # (B, M)
-        best = sims.argmax(axis=1)  # (B,)
-        hits = np.nonzero(sims[np.arange(len(sims)), best] > threshold)[0]
-        found.update(zip((hits + start).tolist(), best[hits].tolist()))
+        if keep_pair is None:
+            best = sims.argmax(axis=1)  # (B,)
+            hits = np.nonzero(sims[np.arange(len(sims)), best] > threshold)[0]
+            found.update(zip((hits + start).tolist(), best[hits].tolist()))
+            continue
+        rows, cols = np.nonzero(sims > threshold)
+        order = np.lexsort((cols, -sims[rows, cols], rows))  # per row: most similar first, ties to the lowest index
+        for r, c in zip(rows[order].tolist(), cols[order].tolist()):
+            if start + r not in found and keep_pair(start + r, c):
+                found[start + r] = c
     return found
 
 

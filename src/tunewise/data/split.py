@@ -90,11 +90,22 @@ def group_split(examples: list[Example], val_fraction: float, test_fraction: flo
     return out
 
 
-def time_split(examples: list[Example], val_fraction: float, test_fraction: float, key: str) -> Splits:
-    """Newest rows are the test set, the next newest validation (sorted by `key`, ties by source)."""
-    n_val, n_test = _sizes(len(examples), val_fraction, test_fraction)
+def _as_numbers(values: list[Any]) -> list[Any]:
+    """The values as numbers when every one is a number or the text of one (a CSV column), else as they are."""
     try:
-        newest_first = sorted(examples, key=lambda e: (e.meta[key], e.source), reverse=True)
+        return [v if isinstance(v, (int, float)) and not isinstance(v, bool) else float(v) for v in values]
+    except (TypeError, ValueError):
+        return values
+
+
+def time_split(examples: list[Example], val_fraction: float, test_fraction: float, key: str) -> Splits:
+    """Newest rows are the test set, the next newest validation (sorted by `key`, ties by source).
+    Keys compare as numbers when all of them are numbers or numeric text ("9" before "10")."""
+    n_val, n_test = _sizes(len(examples), val_fraction, test_fraction)
+    keys = _as_numbers([e.meta[key] for e in examples])
+    try:
+        order = sorted(range(len(examples)), key=lambda i: (keys[i], examples[i].source), reverse=True)
+        newest_first = [examples[i] for i in order]
     except TypeError:
         raise TunewiseError(f"values of '{key}' are not comparable (mixed types)", field="data.time_key",
                             fix="use ISO dates (2024-01-31) or numbers throughout")
