@@ -30,6 +30,23 @@ def label_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+DEMO_ROWS = Path(__file__).resolve().parents[1] / "src" / "tunewise" / "examples" / "debian-sections" / "packages.jsonl"
+SHARED_INSTRUCTION = ("Read the Debian package name and its short description below and answer with the one archive "
+                      "section it belongs to")  # 20 words
+
+
+def debian_rows(n: int) -> list[tuple[str, str]]:
+    """(package text, section) of the first n shipped demo rows: real Debian data."""
+    lines = DEMO_ROWS.read_text(encoding="utf-8").splitlines()[:n]
+    chats = [json.loads(line)["messages"] for line in lines]
+    return [(m[0]["content"], json.loads(m[1]["content"])["section"]) for m in chats]
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    """n Alpaca rows in the commonest shape: one task instruction, a different input per row."""
+    return [{"instruction": SHARED_INSTRUCTION, "input": text, "output": section} for text, section in debian_rows(n)]
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     """`tunewise ARGS` through its real entry point (exit codes and error printing included):
     (exit code, stdout + stderr)."""

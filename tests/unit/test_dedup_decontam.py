@@ -3,7 +3,6 @@ rows that share a template or an instruction stay, real copies and near-copies g
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 from pathlib import Path
@@ -11,25 +10,14 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tunewise
+from tests.helpers import SHARED_INSTRUCTION as INSTRUCTION
+from tests.helpers import alpaca_rows as alpaca
+from tests.helpers import debian_rows as debian
 from tests.helpers import write_jsonl
 from tunewise.data import DataSettings, prepare, write_prepared
 from tunewise.data.similar import SharedPhrasing
 
-DEMO = Path(tunewise.__file__).parent / "examples" / "debian-sections" / "packages.jsonl"
-INSTRUCTION = ("Read the Debian package name and its short description below and answer with the one archive "
-               "section it belongs to")
 FAST = dict(semantic_threshold=None)  # MinHash and n-grams only: the property test runs many times
-
-
-def debian(n: int) -> list[tuple[str, str]]:
-    """(package text, section) of the first n shipped demo rows (real Debian data)."""
-    rows = [json.loads(line)["messages"] for line in DEMO.read_text(encoding="utf-8").splitlines()[:n]]
-    return [(m[0]["content"], json.loads(m[1]["content"])["section"]) for m in rows]
-
-
-def alpaca(n: int) -> list[dict]:
-    return [{"instruction": INSTRUCTION, "input": text, "output": section} for text, section in debian(n)]
 
 
 def test_alpaca_rows_sharing_one_instruction_keep_their_training_rows(tmp_path):
@@ -117,12 +105,15 @@ def test_the_data_report_explains_every_removal(tmp_path):
 def test_shared_phrasing_needs_rows_under_two_labels():
     texts = [f"classify this: item {i}" for i in range(6)]
     shared = SharedPhrasing(texts, ngram=2, min_rows=4)
-    assert shared.strip(texts) == [str(i) for i in range(6)]  # "classify this", "this item", "item" + number
+    assert shared.specific == [str(i) for i in range(6)]  # "classify this", "this item", "item" + number
     assert shared.phrases.most_common(1) == [("classify this item", 6)]
     one_label = SharedPhrasing(texts, ngram=2, min_rows=4, labels=["x"] * 6)
-    assert one_label.strip(texts) == [f"classify this item {i}" for i in range(6)]
+    assert one_label.specific == [f"classify this item {i}" for i in range(6)]
+    two_labels = SharedPhrasing(texts, ngram=2, min_rows=4, labels=["x", "x", "x", "x", "x", "y"])
+    assert two_labels.specific == [str(i) for i in range(6)]
     few = texts[:3]  # in 3 rows: not shared
-    assert SharedPhrasing(few, ngram=2, min_rows=4).strip(few) == [f"classify this item {i}" for i in range(3)]
+    assert SharedPhrasing(few, ngram=2, min_rows=4).specific == [f"classify this item {i}" for i in range(3)]
+    assert SharedPhrasing(["", "!!", "a b"], ngram=2, min_rows=1).specific == ["", "!!", "a b"]
     assert shared.word_overlap("classify this: item 1", "classify this: item 2") == 0.0
     assert shared.word_overlap("item 1 classify", "1 item") == 1.0
 
@@ -172,3 +163,36 @@ def test_no_distinct_templated_row_is_lost(case):
     assert c["rejected"] == 0 and c["exact_duplicates"] == 0 and c["near_duplicates"] == 0, prepared.clusters
     assert c["contaminated"] == 0, prepared.contaminated
     assert c["train"] + c["val"] + c["test"] == len(rows)
+
+
+def _reference_specific(texts: list[str], labels: list | None, n: int, min_rows: int) -> list[str]:
+    """SharedPhrasing's rule written plainly: word tuples, sets of rows and labels, no hashing."""
+    import re
+
+    words = [re.findall(r"\w+", t.lower()) for t in texts]
+    rows, labels_of = {}, {}
+    for i, row in enumerate(words):
+        for k in range(len(row) - n + 1):
+            gram = tuple(row[k : k + n])
+            rows.setdefault(gram, set()).add(i)
+            labels_of.setdefault(gram, set()).add(None if labels is None else labels[i])
+    shared = {g for g in rows if len(rows[g]) >= min_rows and (labels is None or len(labels_of[g]) >= 2)}
+    out = []
+    for text, row in zip(texts, words):
+        covered = [False] * len(row)
+        for k in range(len(row) - n + 1):
+            if tuple(row[k : k + n]) in shared:
+                covered[k : k + n] = [True] * n
+        kept = [w for w, c in zip(row, covered) if not c]
+        out.append(text if not row else " ".join(row) if all(covered) or not any(covered) else " ".join(kept))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(st.lists(st.sampled_from(["a", "B", "c", "d", "é", "x1", "!", "the"]), max_size=9)
+                      .map(" ".join), max_size=12),
+       n=st.integers(1, 4), min_rows=st.integers(1, 4), labelled=st.booleans(), data=st.data())
+def test_shared_phrasing_matches_a_plain_reference(texts, n, min_rows, labelled, data):
+    labels = data.draw(st.lists(st.sampled_from("xyz"), min_size=len(texts), max_size=len(texts))) if labelled else None
+    got = SharedPhrasing(texts, labels=labels, ngram=n, min_rows=min_rows).specific
+    assert got == _reference_specific(texts, labels, n, min_rows)

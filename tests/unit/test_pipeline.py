@@ -208,3 +208,27 @@ def test_report_filter_works_in_a_real_browser(finished_run, tmp_path):
         shown = [r for r in re.findall(r"<tr[^>]*>", body) if "display: none" not in r]
         assert len(shown) == count, key
         assert f"{count} of {expected['all']} items" in dom
+
+
+def test_run_with_every_data_default_on_alpaca_rows_sharing_one_instruction(tmp_path, monkeypatch, capsys,
+                                                                          tiny_model_dir):
+    """The most common Alpaca file (one task instruction, a different input per row) goes through
+    `tunewise run` with the data stage's defaults: MinHash, embeddings and decontamination on."""
+    from tests.helpers import alpaca_rows, run_cli, write_jsonl
+
+    write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(240))
+    (tmp_path / "tunewise.yaml").write_text(
+        "task: {name: alpaca}\n"
+        "data: {path: alpaca.jsonl}\n"
+        f"model: {{base: {tiny_model_dir}}}\n"
+        "train: {epochs: 1, batch_size: 16, lr: 0.01}\n"
+        "eval: {max_new_tokens: 4, bootstrap_samples: 100}\n"
+        "track: none\n"
+    )
+    code, output = run_cli(monkeypatch, capsys, "run", "-c", str(tmp_path / "tunewise.yaml"), "--runs",
+                           str(tmp_path / "runs"))
+    assert code == 0, output
+    run = next((tmp_path / "runs").iterdir())
+    counts = read_json(run / "data" / "manifest.json")["counts"]
+    assert counts["train"] >= 0.9 * (240 - counts["val"] - counts["test"]), counts
+    assert (run / "verdict.json").is_file()

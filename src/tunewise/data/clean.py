@@ -22,16 +22,12 @@ def _norm(text: str) -> str:
     return _SPACE.sub(" ", text).strip().casefold()
 
 
-def _digest(value: object) -> bytes:
-    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).digest()
-
-
 def normalized_key(example: Example) -> str:
     """Hash of the chat (and the rejected answer) with whitespace collapsed and case folded."""
     parts = [(m["role"], _norm(m["content"])) for m in example.messages]
     if example.rejected is not None:
         parts.append(("rejected", _norm(example.rejected)))
-    return _digest(parts).hex()
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
 def answer_key(example: Example) -> str:
@@ -64,25 +60,39 @@ def _excerpt(text: str) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 
-def conflicting_labels(examples: list[Example]) -> list[dict]:
+def _input_key(example: Example) -> tuple:
+    return tuple((m["role"], _norm(m["content"])) for m in example.prompt_messages)
+
+
+def conflicting_labels(examples: list[Example], answers: list[str] | None = None) -> list[dict]:
     """Inputs (whitespace and case aside) that appear with different answers:
-    {"input": excerpt, "sources": [file:line, ...], "answers": [one excerpt per distinct answer]}."""
-    by_input: dict[bytes, list[int]] = {}
+    {"input": excerpt, "sources": [file:line, ...], "answers": [one excerpt per distinct answer]}.
+    `answers` are the examples' `answer_key`s when the caller has them already."""
+    answers = answers if answers is not None else [answer_key(e) for e in examples]
+    by_hash: dict[int, list[int]] = {}  # a hash, not the text: memory stays one int per row
     for i, example in enumerate(examples):
         if example.prompt_messages:
-            key = _digest([(m["role"], _norm(m["content"])) for m in example.prompt_messages])
-            by_input.setdefault(key, []).append(i)
+            by_hash.setdefault(hash(_input_key(example)), []).append(i)
     conflicts = []
-    for members in by_input.values():
-        if len(members) < 2:
+    for candidates in by_hash.values():
+        if len(candidates) < 2 or len({answers[i] for i in candidates}) < 2:
             continue
-        answers: dict[str, Example] = {}
-        for i in members:
-            answers.setdefault(answer_key(examples[i]), examples[i])
-        if len(answers) > 1:
-            conflicts.append({
-                "input": _excerpt(examples[members[0]].input_text),
-                "sources": [examples[i].source for i in members],
-                "answers": [_excerpt(e.target) for e in answers.values()],
-            })
+        same_input: dict[tuple, list[int]] = {}  # the real inputs, in case two hashes collided
+        for i in candidates:
+            same_input.setdefault(_input_key(examples[i]), []).append(i)
+        for members in same_input.values():
+            firsts = _first_per_answer(members, answers)
+            if len(firsts) > 1:
+                conflicts.append({
+                    "input": _excerpt(examples[members[0]].input_text),
+                    "sources": [examples[i].source for i in members],
+                    "answers": [_excerpt(examples[i].target) for i in firsts],
+                })
     return conflicts
+
+
+def _first_per_answer(members: list[int], answers: list[str]) -> list[int]:
+    seen: dict[str, int] = {}
+    for i in members:
+        seen.setdefault(answers[i], i)
+    return list(seen.values())

@@ -130,36 +130,33 @@ def _compared_input(example: Example) -> str:
     return example.input_text or example.target
 
 
-def _answer_group(example: Example) -> str:
-    """Rows pair up as duplicates only within one group: the same answer (rows without a
-    prompt compare their text, so they share one group)."""
-    return answer_key(example) if example.prompt_messages else ""
-
-
-def _drop_similar(examples: list[Example], s: DataSettings, counts: dict, clusters: list[dict],
+def _drop_similar(examples: list[Example], answers: list[str], s: DataSettings, counts: dict, clusters: list[dict],
                   log: Callable[[str], None]) -> tuple[list[Example], list[dict]]:
     """Near and semantic duplicates: the same answer, nearly the same row-specific input, and most
-    of the input's rare words in common (short rows that differ by an id or a number are distinct)."""
+    of the input's rare words in common (short rows that differ by an id or a number are distinct).
+    `answers` are the examples' `answer_key`s."""
     inputs = [_compared_input(e) for e in examples]
-    # phrasing repeated under several answers is scaffolding; repeated under one answer it is content
-    labels = [_answer_group(e) if e.prompt_messages else i for i, e in enumerate(examples)]
+    # rows pair up only within one answer; rows without a prompt compare their text, so they share one group
+    groups = [a if e.prompt_messages else "" for e, a in zip(examples, answers)]
+    # phrasing repeated under several answers is scaffolding; under one answer it is content
+    labels = [a if e.prompt_messages else i for i, (e, a) in enumerate(zip(examples, answers))]
     shared = similar.SharedPhrasing(inputs, labels=labels)
-    specific = shared.strip(inputs)
+    specific = shared.specific
     same_words = lambda i, j: shared.word_overlap(inputs[i], inputs[j]) >= similar.MIN_WORD_OVERLAP  # noqa: E731
     if s.near_dup_threshold is not None:
-        found = similar.near_duplicate_clusters(specific, threshold=s.near_dup_threshold,
-                                                groups=[_answer_group(e) for e in examples], keep_pair=same_words)
+        found = similar.near_duplicate_clusters(specific, threshold=s.near_dup_threshold, groups=groups,
+                                                keep_pair=same_words)
         keep = _survivors(len(examples), found)
         examples, report = _drop_clusters(examples, found, "near",
                                           f"same answer, inputs MinHash Jaccard >= {s.near_dup_threshold} and "
                                           f"rare-word overlap >= {similar.MIN_WORD_OVERLAP} (shared phrasing left out)")
-        inputs, specific = [inputs[i] for i in keep], [specific[i] for i in keep]
+        inputs, specific, groups = [inputs[i] for i in keep], [specific[i] for i in keep], [groups[i] for i in keep]
         clusters += report
         counts["near_duplicates"] = sum(len(c["removed"]) for c in report)
     if s.semantic_threshold is not None:
         log(f"embedding {len(examples)} examples for semantic duplicates")
-        found = similar.semantic_duplicate_clusters(specific, threshold=s.semantic_threshold,
-                                                    groups=[_answer_group(e) for e in examples], keep_pair=same_words)
+        found = similar.semantic_duplicate_clusters(specific, threshold=s.semantic_threshold, groups=groups,
+                                                    keep_pair=same_words)
         examples, report = _drop_clusters(examples, found, "semantic",
                                           f"same answer, inputs cosine > {s.semantic_threshold} and rare-word "
                                           f"overlap >= {similar.MIN_WORD_OVERLAP} (shared phrasing left out)")
@@ -202,7 +199,7 @@ def _contamination(train: list[Example], held_out: list[Example], s: DataSetting
     train_texts = [e.prompt_text or e.text for e in train]
     eval_texts = [e.prompt_text or e.text for e in held_out]
     shared = similar.SharedPhrasing(train_texts + eval_texts)
-    train_specific, eval_specific = shared.strip(train_texts), shared.strip(eval_texts)
+    train_specific, eval_specific = shared.specific[: len(train)], shared.specific[len(train) :]
     same_words = lambda i, j: shared.word_overlap(train_texts[i], eval_texts[j]) >= similar.MIN_WORD_OVERLAP  # noqa: E731
     found: dict[int, tuple[int, str]] = {}
     for i, j in similar.ngram_overlaps(train_specific, eval_specific).items():
@@ -256,9 +253,10 @@ def prepare(
     clusters += [{"kind": "exact", "how": "the same chat, whitespace and case aside", "kept": k, "removed": v}
                  for k, v in _group_duplicates(duplicates).items()]
     counts["exact_duplicates"] = before - len(kept)
-    conflicts = conflicting_labels(kept)
+    answers = [answer_key(e) for e in kept]
+    conflicts = conflicting_labels(kept, answers)
     counts["conflicts"] = len(conflicts)
-    examples, shared_phrasing = _drop_similar(kept, s, counts, clusters, log)
+    examples, shared_phrasing = _drop_similar(kept, answers, s, counts, clusters, log)
     counts["sampled_out"] = 0
     if s.max_examples is not None and len(examples) > s.max_examples:
         counts["sampled_out"] = len(examples) - s.max_examples

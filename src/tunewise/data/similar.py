@@ -16,6 +16,7 @@ import importlib.util
 import math
 import re
 from collections import Counter
+from itertools import chain
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -61,73 +62,74 @@ MIN_WORD_OVERLAP = 0.5  # rarity-weighted word Jaccard two rows must reach to co
 
 
 class SharedPhrasing:
-    """What the rows of one pool share: word n-grams found in `min_rows` or more rows (a template,
-    an instruction every row repeats), and how many rows each word occurs in.
+    """What the rows of one pool share, and each row without it.
 
-    With `labels` (one per row, e.g. its answer), an n-gram is shared only if it also occurs under
-    two labels or more: an instruction repeated on rows of every answer is shared phrasing, while
-    a description repeated on rows of one answer is content (the evidence that they are duplicates).
+    A word n-gram found in `min_rows` or more rows is shared phrasing (a template, an instruction
+    every row repeats). With `labels` (one per row, e.g. its answer) it must also occur under two
+    labels or more: an instruction repeated on rows of every answer is shared phrasing, while a
+    description repeated on rows of one answer is content (the evidence that they are duplicates).
 
-    `strip` drops the words shared n-grams cover, keeping each row's own content; `word_overlap`
-    compares two rows' words weighted by rarity (log N/df), so shared words count for little.
-    Memory: one 64-bit hash per distinct n-gram of a row, and one count per distinct word.
+    `specific[i]` is text i's words (lowercased) that no shared n-gram covers, joined by spaces (a
+    text made only of shared phrasing keeps all its words; one with no words at all is kept as it is);
+    `phrases` counts the shared runs removed; `word_overlap` compares two texts' words weighted by
+    rarity in the pool (log N/df: a word on every row weighs 0). One vectorized pass: each word
+    becomes an id, each n-gram a 64-bit hash of its ids, and rows per n-gram come from a sort.
     """
 
     def __init__(self, texts: Sequence[str], *, labels: Sequence[Hashable] | None = None,
                  ngram: int = SHARED_NGRAM, min_rows: int = SHARED_MIN_ROWS) -> None:
         self.ngram, self.min_rows, self.n_rows = ngram, min_rows, len(texts)
-        self.word_rows: Counter[str] = Counter()
-        hashes = []
-        for text in texts:
-            words = [w.lower() for w in _WORD.findall(text)]
-            self.word_rows.update(set(words))
-            hashes.append(np.unique(np.fromiter(self._gram_hashes(words), dtype=np.int64)))
-        self.shared: set[int] = self._shared(hashes, labels)
-        self.phrases: Counter[str] = Counter()  # the shared runs `strip` removed, with their row counts
+        words = [_WORD.findall(text.lower()) for text in texts]
+        flat = list(chain.from_iterable(words))
+        self._vocab: dict[str, int] = {w: i for i, w in enumerate(dict.fromkeys(flat))}
+        ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))  # (W,) rows in order
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))  # (N,)
+        row_of = np.repeat(np.arange(len(words)), lengths)  # (W,)
+        self._rows_with_word = _distinct_counts_by_key(ids, row_of)[1]  # (V,): ids are 0..V-1, all used
+        covered = self._covered(ids, row_of, lengths, labels)  # (W,)
+        n_covered = np.bincount(row_of, weights=covered, minlength=len(words)).astype(np.int64)  # (N,)
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        self.phrases: Counter[str] = Counter()  # shared runs removed, with the number of rows they were in
+        self.specific: list[str] = []
+        for i, (text, row) in enumerate(zip(texts, words)):
+            if not row:
+                self.specific.append(text)
+            elif n_covered[i] in (0, len(row)):
+                self.specific.append(" ".join(row))
+            else:
+                mask = covered[offsets[i] : offsets[i + 1]]
+                self.phrases.update(_runs(row, mask))
+                self.specific.append(" ".join(w for w, c in zip(row, mask.tolist()) if not c))
 
-    def _shared(self, hashes: list[np.ndarray], labels: Sequence[Hashable] | None) -> set[int]:
-        grams = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)  # one entry per (row, distinct n-gram)
-        if labels is None:
-            values, rows = np.unique(grams, return_counts=True)
-            return set(values[rows >= self.min_rows].tolist())
-        ids = {label: k for k, label in enumerate(dict.fromkeys(labels))}
-        label_of = np.repeat(np.array([ids[label] for label in labels], dtype=np.int64), [len(h) for h in hashes])
-        order = np.lexsort((label_of, grams))  # by n-gram, then label
-        g, lab = grams[order], label_of[order]
-        values, starts, rows = np.unique(g, return_index=True, return_counts=True)  # g is sorted: starts are runs
-        new_label = np.ones(len(g), dtype=np.int64)
-        new_label[1:] = (g[1:] != g[:-1]) | (lab[1:] != lab[:-1])
-        n_labels = np.add.reduceat(new_label, starts) if len(g) else np.zeros(0, np.int64)
-        return set(values[(rows >= self.min_rows) & (n_labels >= 2)].tolist())
-
-    def _gram_hashes(self, words: list[str]) -> Iterable[int]:
-        return (hash(tuple(words[i : i + self.ngram])) for i in range(len(words) - self.ngram + 1))
-
-    def strip(self, texts: Iterable[str]) -> list[str]:
-        """Each text as its words that no shared n-gram covers, joined by spaces. A text made only
-        of shared phrasing keeps all its words (it is then compared whole); one with no words at
-        all (emoji, punctuation) is returned as it is."""
-        out = []
-        for text in texts:
-            words = _WORD.findall(text)
-            if not words:
-                out.append(text)
-                continue
-            covered = np.zeros(len(words), dtype=bool)
-            if self.shared:
-                for i, gram in enumerate(self._gram_hashes([w.lower() for w in words])):
-                    if gram in self.shared:
-                        covered[i : i + self.ngram] = True
-            if covered.all() or not covered.any():
-                out.append(" ".join(words))
-                continue
-            self.phrases.update(_runs(words, covered))
-            out.append(" ".join(w for w, c in zip(words, covered) if not c))
-        return out
+    def _covered(self, ids: np.ndarray, row_of: np.ndarray, lengths: np.ndarray,
+                 labels: Sequence[Hashable] | None) -> np.ndarray:
+        """Which words a shared n-gram covers: (W,) bool."""
+        n, total = self.ngram, len(ids)
+        covered = np.zeros(total, dtype=bool)
+        row_end = np.repeat(np.cumsum(lengths), lengths)  # (W,) where each word's row ends
+        starts = np.nonzero(np.arange(total) + n <= row_end)[0]  # (G,) n-grams that stay in their row
+        if not len(starts):
+            return covered
+        multipliers = np.random.default_rng(0).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+        grams = np.zeros(len(starts), dtype=np.uint64)  # (G,) sum of id * odd multiplier, wrapping mod 2**64
+        for k in range(n):
+            grams += ids[starts + k].astype(np.uint64) * multipliers[k]
+        values, rows = _distinct_counts_by_key(grams, row_of[starts])  # (U,) each n-gram, rows it is in
+        frequent = rows >= self.min_rows
+        if labels is not None:
+            label_ids = {label: k for k, label in enumerate(dict.fromkeys(labels))}
+            label_of_row = np.fromiter((label_ids[label] for label in labels), dtype=np.int64, count=len(labels))
+            frequent &= _distinct_counts_by_key(grams, label_of_row[row_of[starts]])[1] >= 2
+        hit = starts[np.isin(grams, values[frequent])]  # (H,) first word of each shared n-gram
+        for k in range(n):
+            covered[hit + k] = True
+        return covered
 
     def weight(self, word: str) -> float:
         """log(N / rows with the word): 0 for a word on every row; a word not in the pool counts as once."""
-        return math.log(max(self.n_rows, 1) / max(self.word_rows.get(word, 1), 1))
+        index = self._vocab.get(word)
+        rows = int(self._rows_with_word[index]) if index is not None else 1
+        return math.log(max(self.n_rows, 1) / max(rows, 1))
 
     def word_overlap(self, a: str, b: str) -> float:
         """Jaccard of the two texts' word sets, each word weighted by `weight` (1.0 when both are empty)."""
@@ -136,12 +138,25 @@ class SharedPhrasing:
         return 1.0 if union == 0 else sum(self.weight(w) for w in wa & wb) / union
 
 
+def _distinct_counts_by_key(keys: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys, sorted; in how many distinct groups each occurs), by one sort."""
+    order = np.lexsort((groups, keys))
+    k, g = keys[order], groups[order]
+    new_pair = np.ones(len(k), dtype=bool)
+    new_pair[1:] = (k[1:] != k[:-1]) | (g[1:] != g[:-1])
+    k = k[new_pair]  # one entry per (key, group)
+    new_key = np.ones(len(k), dtype=bool)
+    new_key[1:] = k[1:] != k[:-1]
+    starts = np.nonzero(new_key)[0]
+    return k[starts], np.diff(np.append(starts, len(k)))
+
+
 def _runs(words: list[str], covered: np.ndarray) -> set[str]:
-    """The maximal runs of covered words, lowercased, one entry per distinct run."""
+    """The maximal runs of covered words, one entry per distinct run."""
     runs, current = set(), []
-    for word, c in zip(words, covered):
+    for word, c in zip(words, covered.tolist()):
         if c:
-            current.append(word.lower())
+            current.append(word)
         elif current:
             runs.add(" ".join(current))
             current = []
