@@ -246,7 +246,7 @@ def decide(
 FilesArg = Annotated[Optional[list[Path]], typer.Argument(help="Data files (JSONL, JSON, CSV, Parquet, datasets folder).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="Take data/task settings from tunewise.yaml.")]
 MapOpt = Annotated[Optional[str], typer.Option("--map", help="Rename fields: question=user,answer=assistant")]
-StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on the first class of bad rows.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Stop at the first bad row (the file is not read on).")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Base model whose chat template counts tokens.")]
 MaxLenOpt = Annotated[Optional[int], typer.Option("--max-seq-len", help="Drop (and count) longer examples.")]
 SemanticOpt = Annotated[bool, typer.Option("--semantic/--no-semantic", help="Embedding near-duplicates (slower).")]

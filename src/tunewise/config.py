@@ -38,7 +38,7 @@ class DataConfig(_Strict):
     map: dict[str, str] = Field(
         default_factory=dict, description="Rename fields, e.g. {question: user, answer: assistant}."
     )
-    strict: bool = Field(False, description="Fail on the first class of bad rows instead of skipping them.")
+    strict: bool = Field(False, description="Stop at the first bad row instead of skipping bad rows.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for validation.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for the verdict.")
     seed: int = Field(0, description="Seed of the split shuffle.")
@@ -48,10 +48,12 @@ class DataConfig(_Strict):
     group_key: str | None = Field(None, description="Field whose rows stay together in one split (split: group).")
     time_key: str | None = Field(None, description="Field ordering rows in time; newest are the test set (split: time).")
     near_dup_threshold: float | None = Field(
-        0.8, gt=0, le=1, description="MinHash Jaccard at which two examples are near-duplicates; null: off."
+        0.8, gt=0, le=1, description="MinHash Jaccard of two inputs (shared phrasing left out) at which rows with "
+        "the same answer are near-duplicates, and a training input too close to a held-out one; null: off."
     )
     semantic_threshold: float | None = Field(
-        0.95, gt=0, le=1, description="Embedding cosine at which two examples are duplicates; null: off."
+        0.95, gt=0, le=1, description="Embedding cosine of two inputs (shared phrasing left out) above which rows "
+        "with the same answer are duplicates, and a training input too close to a held-out one; null: off."
     )
     decontaminate: bool = Field(True, description="Remove training examples that overlap val/test or eval_files.")
     eval_files: list[str] = Field(
