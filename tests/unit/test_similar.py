@@ -226,3 +226,46 @@ def test_ngram_overlaps():
     ]
     assert ngram_overlaps(train_texts, eval_texts) == {0: 1, 2: 2}
     assert ngram_overlaps(train_texts, eval_texts, n=12) == {0: 1, 1: 1, 2: 2}
+
+
+# ---- groups and vetoes (rows pair up only with the same answer, and must share rare words) ---
+
+
+@pytest.mark.parametrize("block", [7, 2048])
+def test_grouped_semantic_clusters_equal_brute_force_within_groups(block):
+    vectors = _random_unit(120, 6, seed=3)  # (120, 6)
+    texts = [f"t{i}" for i in range(120)]
+    groups = [i % 3 for i in range(120)]
+    sims = vectors @ vectors.T  # (120, 120)
+    upper = np.triu_indices(120, k=1)
+    threshold = _between(np.sort(sims[upper])[::-1], 80)
+    veto = lambda i, j: (i + j) % 5 != 0  # noqa: E731
+    pairs = [(i, j) for i, j in zip(*upper) if sims[i, j] > threshold and groups[i] == groups[j] and veto(i, j)]
+    calls = []
+    encoder = FakeEncoder(dict(zip(texts, vectors)))
+    original = encoder.encode
+    encoder.encode = lambda sentences, **kw: calls.append(list(sentences)) or original(sentences, **kw)
+    got = semantic_duplicate_clusters(texts + ["alone"], threshold=threshold, encoder=encoder, block=block,
+                                      groups=groups + ["solo"], keep_pair=veto)
+    assert pairs and got == _components(121, pairs)
+    assert "alone" not in [s for batch in calls for s in batch]  # alone in its group: never embedded
+
+
+def test_cross_semantic_veto_takes_the_next_best_match():
+    axes = np.eye(3, dtype=np.float32)
+    vectors = {"e0": axes[0], "e1": axes[1], "e2": np.array([0.2, 1, 0]), "t": np.array([0.2, 1, 0])}
+    encoder = FakeEncoder({k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()})
+    evals = ["e0", "e1", "e2"]
+    assert cross_semantic_duplicates(["t"], evals, threshold=0.95, encoder=encoder) == {0: 2}
+    assert cross_semantic_duplicates(["t"], evals, threshold=0.95, encoder=encoder, keep_pair=lambda i, j: j != 2) \
+        == {0: 1}
+    assert cross_semantic_duplicates(["t"], evals, threshold=0.95, encoder=encoder, keep_pair=lambda i, j: False) == {}
+
+
+def test_near_duplicates_pair_only_within_a_group_and_obey_the_veto():
+    texts = [BASE, BASE, _changed([39]), BASE]
+    assert near_duplicate_clusters(texts) == [[0, 1, 2, 3]]
+    assert near_duplicate_clusters(texts, groups=["a", "b", "a", "b"]) == [[0, 2], [1, 3]]
+    assert near_duplicate_clusters(texts, keep_pair=lambda i, j: 3 not in (i, j)) == [[0, 1, 2]]
+    assert cross_near_duplicates([BASE], [UNRELATED, BASE, BASE]) == {0: 1}
+    assert cross_near_duplicates([BASE], [UNRELATED, BASE, _changed([39])], keep_pair=lambda i, j: j != 1) == {0: 2}

@@ -16,9 +16,9 @@ import importlib.util
 import math
 import re
 from collections import Counter
-from itertools import chain
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -133,7 +133,7 @@ class SharedPhrasing:
 
     def word_overlap(self, a: str, b: str) -> float:
         """Jaccard of the two texts' word sets, each word weighted by `weight` (1.0 when both are empty)."""
-        wa, wb = {w.lower() for w in _WORD.findall(a)}, {w.lower() for w in _WORD.findall(b)}
+        wa, wb = set(_WORD.findall(a.lower())), set(_WORD.findall(b.lower()))
         union = sum(self.weight(w) for w in wa | wb)
         return 1.0 if union == 0 else sum(self.weight(w) for w in wa & wb) / union
 
