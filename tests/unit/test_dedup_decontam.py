@@ -45,7 +45,7 @@ def test_a_planted_copy_of_a_test_input_is_still_removed(tmp_path):
     # the same input with two answers is a contradiction, listed with both answers
     assert prepared.conflicts == [{"input": prepared.conflicts[0]["input"], "sources": ["a.jsonl:300", "a.jsonl:301"],
                                    "answers": [newest["output"], "zzz-other"]}]
-    assert newest["input"].split("\n")[0] in prepared.conflicts[0]["input"]
+    assert prepared.conflicts[0]["input"].endswith(newest["input"].split("\n")[-1])  # the row's own content shows
     assert any("conflicting labels" in w for w in prepared.warnings)
 
 
@@ -196,3 +196,17 @@ def test_shared_phrasing_matches_a_plain_reference(texts, n, min_rows, labelled,
     labels = data.draw(st.lists(st.sampled_from("xyz"), min_size=len(texts), max_size=len(texts))) if labelled else None
     got = SharedPhrasing(texts, labels=labels, ngram=n, min_rows=min_rows).specific
     assert got == _reference_specific(texts, labels, n, min_rows)
+
+
+def test_preference_pairs_for_one_prompt_conflict_only_when_they_contradict(tmp_path):
+    rows = [{"prompt": "Name a colour", "chosen": "Blue.", "rejected": "I cannot help."},
+            {"prompt": "Name a colour", "chosen": "Red.", "rejected": "I cannot help."},  # another pair: fine
+            {"prompt": "Name a colour", "chosen": "Blue.", "rejected": "Red."},
+            {"prompt": "name a  colour", "chosen": "Blue.", "rejected": "Red."},  # a copy: exact duplicate
+            {"prompt": "Pick a fruit", "chosen": "Pear.", "rejected": "Rock."},
+            {"prompt": "Pick a fruit", "chosen": "Rock.", "rejected": "Pear."}]  # prefers what row 5 rejects
+    rows += [{"prompt": f"Question {i}: add {i} and {i}", "chosen": str(2 * i), "rejected": "no"} for i in range(30)]
+    prepared = prepare([write_jsonl(tmp_path / "p.jsonl", rows)], DataSettings(**FAST, split="random"))
+    assert prepared.counts["exact_duplicates"] == 1
+    assert [c["sources"] for c in prepared.conflicts] == [["p.jsonl:5", "p.jsonl:6"]]
+    assert prepared.conflicts[0]["answers"] == ["Pear. (over: Rock.)", "Rock. (over: Pear.)"]

@@ -3,6 +3,8 @@
 Two rows are the same example only when their whole chat (and, for preference pairs, the
 rejected answer) is the same; two rows with the same input and different answers are not
 duplicates but a contradiction, listed by `conflicting_labels` and kept for the user to settle.
+Preference pairs for one prompt may differ (several pairs per prompt is normal); they
+contradict each other only when one pair prefers what another rejects.
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ def drop_exact_duplicates(examples: list[Example]) -> tuple[list[Example], list[
 
 
 def _excerpt(text: str) -> str:
+    """Whitespace collapsed; a long text as its start and its end (a shared instruction comes
+    first, the row's own content last)."""
     text = _SPACE.sub(" ", text).strip()
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+    if len(text) <= EXCERPT_CHARS:
+        return text
+    head = EXCERPT_CHARS // 3
+    return f"{text[:head]} … {text[-(EXCERPT_CHARS - head - 3):]}"
 
 
 def _input_key(example: Example) -> tuple:
@@ -81,14 +88,31 @@ def conflicting_labels(examples: list[Example], answers: list[str] | None = None
         for i in candidates:
             same_input.setdefault(_input_key(examples[i]), []).append(i)
         for members in same_input.values():
-            firsts = _first_per_answer(members, answers)
+            firsts = _contradicting(members, examples) if examples[members[0]].rejected is not None \
+                else _first_per_answer(members, answers)
             if len(firsts) > 1:
                 conflicts.append({
                     "input": _excerpt(examples[members[0]].input_text),
                     "sources": [examples[i].source for i in members],
-                    "answers": [_excerpt(examples[i].target) for i in firsts],
+                    "answers": [_excerpt(_shown_answer(examples[i])) for i in firsts],
                 })
     return conflicts
+
+
+def _contradicting(members: list[int], examples: list[Example]) -> list[int]:
+    """The first pair that prefers A to B and the first that prefers B to A, if the prompt has both."""
+    first_of: dict[tuple[str, str], int] = {}
+    for i in members:
+        if examples[i].rejected is not None:
+            first_of.setdefault((_norm(examples[i].target), _norm(examples[i].rejected)), i)
+    for (chosen, rejected), i in first_of.items():
+        if (rejected, chosen) in first_of:
+            return [i, first_of[(rejected, chosen)]]
+    return []
+
+
+def _shown_answer(example: Example) -> str:
+    return example.target if example.rejected is None else f"{example.target} (over: {example.rejected})"
 
 
 def _first_per_answer(members: list[int], answers: list[str]) -> list[int]:
