@@ -199,7 +199,13 @@ def test_gguf_metadata_and_tensor_names_are_llama_cpps(exported, tokenizer):
     assert {kinds[n] for n in kinds if not n.endswith("norm.weight")} == {"Q8_0"}
 
 
-@pytest.mark.parametrize("quant", list(QUANTS))
+# one type per family in the fast tier (full precision, 8-bit, 4-bit); the rest (about 11 s each,
+# mostly transformers rebuilding the tokenizer from the GGUF) run with the integration tier in `make test`
+FAST_QUANTS = ("f32", "q8_0", "q4_1")
+
+
+@pytest.mark.parametrize("quant", [q if q in FAST_QUANTS else pytest.param(q, marks=pytest.mark.integration)
+                                   for q in QUANTS])
 def test_gguf_reloads_in_transformers_with_the_merged_models_logits(quant, exported, merged_logits, inputs, tmp_path):
     from gguf import GGUFReader
 

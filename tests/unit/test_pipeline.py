@@ -216,7 +216,7 @@ def test_run_with_every_data_default_on_alpaca_rows_sharing_one_instruction(tmp_
     `tunewise run` with the data stage's defaults: MinHash, embeddings and decontamination on."""
     from tests.helpers import alpaca_rows, run_cli, write_jsonl
 
-    write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(240))
+    write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(160))
     (tmp_path / "tunewise.yaml").write_text(
         "task: {name: alpaca}\n"
         "data: {path: alpaca.jsonl}\n"
@@ -230,5 +230,5 @@ def test_run_with_every_data_default_on_alpaca_rows_sharing_one_instruction(tmp_
     assert code == 0, output
     run = next((tmp_path / "runs").iterdir())
     counts = read_json(run / "data" / "manifest.json")["counts"]
-    assert counts["train"] >= 0.9 * (240 - counts["val"] - counts["test"]), counts
+    assert counts["train"] >= 0.9 * (160 - counts["val"] - counts["test"]), counts
     assert (run / "verdict.json").is_file()

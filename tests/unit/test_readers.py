@@ -301,3 +301,9 @@ def test_json_array_errors_name_the_line_even_far_into_the_file(tmp_path, monkey
     assert err.value.line == bad[: bad.index(b"\xff")].count(b"\n") + 1
     at = bad.index(b"\xff") + 1
     assert f"byte {at}" in str(err.value)
+
+
+def test_a_header_with_an_open_quote_is_a_whole_file_error(tmp_path):
+    with pytest.raises(TunewiseError, match="the header row cannot be read: quote never closed") as err:
+        rows_of(write(tmp_path / "h.csv", b'"prompt,completion\nq,a\n'))
+    assert err.value.line == 1

@@ -305,6 +305,9 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
             except csv.Error as err:
                 if not feed.taken:
                     return
+                if header is None:  # no header to read the rows by: the file as a whole is unusable
+                    raise TunewiseError(f"the header row cannot be read: {_quote_problem(str(err), feed.taken)}",
+                                        file=path, line=feed.taken[0][0]) from err
                 yield Row(feed.taken[0][0], None, _quote_problem(str(err), feed.taken))
                 feed.push_back(feed.taken[1:])  # what the bad record swallowed is read again
                 continue
