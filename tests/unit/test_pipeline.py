@@ -210,7 +210,7 @@ def test_report_filter_works_in_a_real_browser(finished_run, tmp_path):
         assert f"{count} of {expected['all']} items" in dom
 
 
-@pytest.mark.integration  # a whole run (minutes of the fast tier's budget); `make test` runs it
+@pytest.mark.integration  # a whole run (about 8 s of the fast tier's 5 minutes); `make test` runs it
 def test_run_with_every_data_default_on_alpaca_rows_sharing_one_instruction(tmp_path, monkeypatch, capsys,
                                                                           tiny_model_dir):
     """The most common Alpaca file (one task instruction, a different input per row) goes through
