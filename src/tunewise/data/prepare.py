@@ -142,10 +142,9 @@ def _drop_similar(examples: list[Example], answers: list[str], s: DataSettings, 
     labels = [a if e.prompt_messages else i for i, (e, a) in enumerate(zip(examples, answers))]
     shared = similar.SharedPhrasing(inputs, labels=labels)
     specific = shared.specific
-    same_words = lambda i, j: shared.word_overlap(inputs[i], inputs[j]) >= similar.MIN_WORD_OVERLAP  # noqa: E731
     if s.near_dup_threshold is not None:
         found = similar.near_duplicate_clusters(specific, threshold=s.near_dup_threshold, groups=groups,
-                                                keep_pair=same_words)
+                                                keep_pair=shared.same_content(inputs, inputs))
         keep = _survivors(len(examples), found)
         examples, report = _drop_clusters(examples, found, "near",
                                           f"same answer, inputs MinHash Jaccard >= {s.near_dup_threshold} and "
@@ -156,7 +155,7 @@ def _drop_similar(examples: list[Example], answers: list[str], s: DataSettings, 
     if s.semantic_threshold is not None:
         log(f"embedding {len(examples)} examples for semantic duplicates")
         found = similar.semantic_duplicate_clusters(specific, threshold=s.semantic_threshold, groups=groups,
-                                                    keep_pair=same_words)
+                                                    keep_pair=shared.same_content(inputs, inputs))
         examples, report = _drop_clusters(examples, found, "semantic",
                                           f"same answer, inputs cosine > {s.semantic_threshold} and rare-word "
                                           f"overlap >= {similar.MIN_WORD_OVERLAP} (shared phrasing left out)")
@@ -200,7 +199,7 @@ def _contamination(train: list[Example], held_out: list[Example], s: DataSetting
     eval_texts = [e.prompt_text or e.text for e in held_out]
     shared = similar.SharedPhrasing(train_texts + eval_texts)
     train_specific, eval_specific = shared.specific[: len(train)], shared.specific[len(train) :]
-    same_words = lambda i, j: shared.word_overlap(train_texts[i], eval_texts[j]) >= similar.MIN_WORD_OVERLAP  # noqa: E731
+    same_words = shared.same_content(train_texts, eval_texts)
     found: dict[int, tuple[int, str]] = {}
     for i, j in similar.ngram_overlaps(train_specific, eval_specific).items():
         found[i] = (j, "13-gram overlap (or the same input, when shorter)")

@@ -171,7 +171,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
     """Rows of a JSON array (one per element) or of top-level JSON values, streamed: memory holds
     one chunk and the value being read, whatever the file's size."""
     with _open_binary(path) as handle:
-        yield from _json_values(_TextWindow(handle, path), path)
+        yield from _json_values(_TextWindow(handle, path))
 
 
 class _TextWindow:
@@ -249,7 +249,7 @@ class _TextWindow:
                              fix="a .json file must be one JSON array of objects; or use .jsonl, one object per line")
 
 
-def _json_values(window: _TextWindow, path: Path) -> Iterator[Row]:
+def _json_values(window: _TextWindow) -> Iterator[Row]:
     """Scan the file as one array (rows = its elements) or as whitespace-separated values."""
     decoder = json.JSONDecoder()
     pos = window.skip_space(0)

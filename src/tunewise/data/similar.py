@@ -131,6 +131,11 @@ class SharedPhrasing:
         rows = int(self._rows_with_word[index]) if index is not None else 1
         return math.log(max(self.n_rows, 1) / max(rows, 1))
 
+    def same_content(self, left: Sequence[str], right: Sequence[str]) -> PairFilter:
+        """A `keep_pair` for the checks below: (i, j) is kept when left[i] and right[j] reach
+        MIN_WORD_OVERLAP (short rows that differ by an id or a number do not)."""
+        return lambda i, j: self.word_overlap(left[i], right[j]) >= MIN_WORD_OVERLAP
+
     def word_overlap(self, a: str, b: str) -> float:
         """Jaccard of the two texts' word sets, each word weighted by `weight` (1.0 when both are empty)."""
         wa, wb = set(_WORD.findall(a.lower())), set(_WORD.findall(b.lower()))
