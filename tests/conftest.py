@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """The CPU tiers run on the CPU even on a GPU machine (their numbers and timings assume it);
+    only `-m gpu` (tests/gpu, tools/gpu_smoke.sh) sees CUDA. CUDA starts lazily, so hiding the
+    devices here, before any test touches it, is enough."""
+    expression = config.getoption("markexpr") or ""
+    if "gpu" not in expression.replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from tests.helpers import label_rows, write_jsonl
 from tunewise.models import load_tokenizer, resolve_base

@@ -258,15 +258,16 @@ EvalOpt = Annotated[list[Path], typer.Option("--eval-file", help="An eval set tr
 def _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key,
                           eval_file):
     """Run the data stage in memory with settings from a config file or from the options:
-    returns (Prepared, DataSettings, tokenizer)."""
+    returns (Prepared, DataSettings, chat format)."""
+    from tunewise.config import ModelConfig
     from tunewise.data import prepare
-    from tunewise.models import load_tokenizer, resolve_base
+    from tunewise.models import base_chat
 
-    paths, settings, base = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
+    paths, settings, model_settings = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
                                          group_key, time_key, eval_file)
-    tokenizer = load_tokenizer(resolve_base(base))
-    prepared = prepare(paths, settings, tokenizer=tokenizer, log=lambda m: console.print(m, markup=False))
-    return prepared, settings, tokenizer
+    chat = base_chat(model_settings if isinstance(model_settings, ModelConfig) else ModelConfig(base=model_settings))
+    prepared = prepare(paths, settings, chat=chat, log=lambda m: console.print(m, markup=False))
+    return prepared, settings, chat
 
 
 def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key, eval_file):
@@ -277,7 +278,7 @@ def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, spli
     if config is not None:
         cfg = load_config(config)
         paths = [Path(p) for p in cfg.data.paths] if not files else list(files)
-        return paths, DataSettings.from_config(cfg), cfg.model.base
+        return paths, DataSettings.from_config(cfg), cfg.model
     if not files:
         raise TunewiseError("no data files given", fix="pass one or more data files (or -c tunewise.yaml)")
     if split == "group" and not group_key or split == "time" and not time_key:
@@ -299,7 +300,7 @@ def data_check(
     """Validate, clean and split in memory; print a summary; write nothing. Exit 1 if rows were rejected."""
     from tunewise.data import preview_rows
 
-    prepared, settings, tokenizer = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
+    prepared, settings, chat = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
                                                           split, group_key, time_key, eval_file)
     c = prepared.counts
     table = Table(title="data check")
@@ -320,7 +321,7 @@ def data_check(
     if len(prepared.problems) > 20:
         console.print(f"... and {len(prepared.problems) - 20} more")
     console.print("preview of the first rows as they will be trained:")
-    for text in preview_rows(tokenizer, prepared.splits["train"], settings.system_prompt, n=2):
+    for text in preview_rows(chat, prepared.splits["train"], settings.system_prompt, n=2):
         console.print(Text(text, style="dim"))
     if prepared.problems:
         raise typer.Exit(1)
@@ -338,10 +339,10 @@ def data_prepare(
     from tunewise.data import preview_rows, write_prepared
     from tunewise.pipeline import print_data_summary
 
-    prepared, settings, tokenizer = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
+    prepared, settings, chat = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
                                                           split, group_key, time_key, eval_file)
     manifest = write_prepared(prepared, output, settings,
-                              preview=preview_rows(tokenizer, prepared.splits["train"], settings.system_prompt))
+                              preview=preview_rows(chat, prepared.splits["train"], settings.system_prompt))
     print_data_summary(console, manifest, prepared.problems)
     console.print(f"wrote {output}/{{train,val,test}}.jsonl, rejected.jsonl, manifest.json, report.html")
 

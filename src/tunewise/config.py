@@ -81,6 +81,16 @@ class ModelConfig(_Strict):
         "smollm2-135m-instruct",
         description="Embedded model name, a local Hugging Face folder, or a hub id (org/name).",
     )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template (text, or the path of a .jinja file) used everywhere instead of the "
+                    "model's own; a base model without one gets a recorded default.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings the chat template reads, e.g. enable_thinking: false (Qwen3) or date_string "
+                    "(Llama 3.1+); tunewise fixes those two unless set here.",
+    )
 
 
 Method = Literal["lora", "dora", "qlora", "full", "prompt_tuning", "dpo", "orpo"]
@@ -354,6 +364,15 @@ def _validate(raw: dict, path: Path, root: yaml.Node | None) -> Config:
     paths = [absolute(p) for p in config.data.paths]
     config.data.path = paths[0] if isinstance(config.data.path, str) else paths
     config.data.eval_files = [absolute(p) for p in config.data.eval_files]
+    template = config.model.chat_template
+    if template is not None and "{" not in template:  # a .jinja file: the run keeps its text
+        try:
+            config.model.chat_template = Path(absolute(template)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise TunewiseError(f"cannot read the chat template file '{template}' ({err.__class__.__name__})",
+                                file=path, line=_key_line(root, ("model", "chat_template")),
+                                field="model.chat_template", fix="give the path of a .jinja file, relative to the "
+                                "config, or the template text itself") from None
     return config
 
 

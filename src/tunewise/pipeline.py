@@ -36,7 +36,7 @@ from tunewise.evaluate.verdict import (
     overfitting_flag,
     refusal_flag,
 )
-from tunewise.models import load_tokenizer, resolve_base
+from tunewise.models import base_chat
 from tunewise.report.html import write_report
 from tunewise.runs import (
     RunDir,
@@ -49,6 +49,7 @@ from tunewise.runs import (
     read_jsonl,
 )
 from tunewise.train.loop import check_method_fits_data, train_model
+
 
 def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, Config]:
     """Validate config, model and data, then create the run folder with config and data splits."""
@@ -64,22 +65,38 @@ def start_run(config_path: str | Path, overrides: list[str], runs_root: Path, co
 def prepare_data(config: Config, config_path: str | Path, console: Console,
                  methods_of: list[Config] = ()) -> tuple:
     """Read, validate, clean and split the data in memory (nothing written); the method (and
-    each of `methods_of`'s) must fit it. Returns (prepared, settings, tokenizer)."""
-    tokenizer = load_tokenizer(resolve_base(config.model.base))
+    each of `methods_of`'s) must fit it. Returns (prepared, settings, chat format).
+
+    The model's chat format is resolved first: a template tunewise cannot mask exactly is
+    refused here, before any stage runs."""
+    chat = base_chat(config.model)
+    print_chat(console, config.model.base, chat)
     settings = DataSettings.from_config(config)
-    prepared = prepare([Path(p) for p in config.data.paths], settings, tokenizer=tokenizer,
+    prepared = prepare([Path(p) for p in config.data.paths], settings, chat=chat,
                        log=lambda m: console.print(Text.assemble(("data ", "bold"), m)))
     examples = [e for split in prepared.splits.values() for e in split]
     for each in (config, *methods_of):
         check_method_fits_data(each, examples, config_path)
-    return prepared, settings, tokenizer
+    return prepared, settings, chat
+
+
+def print_chat(console: Console, model: str, chat) -> None:
+    """One line on how the model is prompted (what training, evaluation and serving all use)."""
+    tok = chat.tokenizer
+    stops = ", ".join(tok.convert_ids_to_tokens(list(chat.stop_ids)))
+    console.print(Text.assemble(("model ", "bold"), (
+        f"{model}: chat template from {chat.source}; system prompt "
+        f"{'folded into the first user turn' if chat.fold_system else 'as a system turn'}; stops at {stops}"
+        + (f"; settings {chat.kwargs}" if chat.kwargs else ""))))
+    for warning in chat.warnings:
+        console.print(Text.assemble(("warning ", "yellow"), warning))
 
 
 def write_data(run: RunDir, config: Config, data: tuple, console: Console) -> dict:
     """The prepared splits, manifest and data report into the run folder; prints the summary."""
-    prepared, settings, tokenizer = data
+    prepared, settings, chat = data
     manifest = write_prepared(prepared, run.data, settings,
-                              preview=preview_rows(tokenizer, prepared.splits["train"], config.task.system_prompt))
+                              preview=preview_rows(chat, prepared.splits["train"], config.task.system_prompt))
     print_data_summary(console, manifest, prepared.problems)
     return manifest
 

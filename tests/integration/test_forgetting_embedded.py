@@ -8,7 +8,7 @@ from rich.console import Console
 
 from tunewise.evaluate import forgetting
 from tunewise.evaluate.generate import generate
-from tunewise.models import compute_dtype, load_model, load_tokenizer
+from tunewise.models import compute_dtype, load_chat, load_model
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +21,9 @@ def test_embedded_base_model_scores_in_a_sane_band(embedded_path):
     sample = [it for c in categories for it in [it for it in items if it.category == c][:2]]
     assert len(sample) <= 16
     model = load_model(embedded_path, dtype=compute_dtype())
-    tokenizer = load_tokenizer(embedded_path)
+    chat = load_chat(embedded_path, model="smollm2-135m-instruct")
     start = time.perf_counter()
-    outputs = generate(model, tokenizer, forgetting.prompts(sample), max_new_tokens=forgetting.MAX_NEW_TOKENS,
+    outputs = generate(model, chat, forgetting.prompts(sample), max_new_tokens=forgetting.MAX_NEW_TOKENS,
                        batch_size=16, console=Console(quiet=True), label="regression set")
     seconds = time.perf_counter() - start
     scores = forgetting.score(sample, outputs)

@@ -8,8 +8,6 @@ import pytest
 from tests.helpers import label_rows, run_cli, write_jsonl
 
 
-
-
 @pytest.mark.parametrize(
     "case, expect",
     [

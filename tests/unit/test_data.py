@@ -11,6 +11,7 @@ from tests.helpers import label_rows, write_jsonl
 from tunewise.data import DataSettings, parse_mapping, prepare, read_examples, write_prepared
 from tunewise.data.clean import drop_exact_duplicates
 from tunewise.errors import TunewiseError
+from tunewise.models import ChatFormat
 from tunewise.runs import sha256_file
 
 FAST = dict(semantic_threshold=None)  # the MiniLM path has its own tests
@@ -117,7 +118,7 @@ def _prepared(tmp_path, rows, **settings):
 def test_split_is_80_10_10_stratified_disjoint_and_hashed(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", label_rows(200) + ["oops"])
     settings = DataSettings(**FAST)
-    prepared = prepare([path], settings, tokenizer=tokenizer)
+    prepared = prepare([path], settings, chat=ChatFormat.build(tokenizer, model="smollm2"))
     manifest = write_prepared(prepared, tmp_path / "data", settings, preview=["<|im_start|>user ..."])
     counts = manifest["counts"]
     assert (counts["train"], counts["val"], counts["test"], counts["rejected"], counts["read"]) == (160, 20, 20, 1, 201)
@@ -188,7 +189,8 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path, tokenizer):
     long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]}
     rows = label_rows(30) + [long]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = prepare([path], DataSettings(**FAST, max_seq_len=100, split="random"), tokenizer=tokenizer)
+    prepared = prepare([path], DataSettings(**FAST, max_seq_len=100, split="random"),
+                       chat=ChatFormat.build(tokenizer, model="smollm2"))
     assert prepared.counts["too_long"] == 1
     assert [p.kind for p in prepared.problems] == ["too_long"] and "max_seq_len 100" in prepared.problems[0].reason
 

@@ -15,6 +15,7 @@ from tunewise.deploy import export as export_mod
 from tunewise.deploy.export import export_run, stop_ids
 from tunewise.deploy.ggufwrite import QUANTS, check_gguf_support, permute_qk, pre_tokenizer, write_gguf
 from tunewise.errors import TunewiseError
+from tunewise.models import ChatFormat
 from tunewise.runs import RunDir, atomic_write_json
 
 QUIET = Console(quiet=True)
@@ -139,10 +140,12 @@ def test_merged_folder_is_a_standard_transformers_folder(exported, tokenizer):
 
 
 def test_stop_tokens_cover_the_end_of_turn_token_when_it_is_not_eos(tokenizer):
-    assert stop_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]  # SmolLM2: eos is <|im_end|>
+    assert stop_ids(ChatFormat.build(tokenizer, model="smollm2")) == [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")]  # SmolLM2: eos is <|im_end|>; <|im_start|> is no end
     other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     other.eos_token = "<|endoftext|>"
-    assert stop_ids(other) == [other.convert_tokens_to_ids("<|endoftext|>"), other.convert_tokens_to_ids("<|im_end|>")]
+    assert stop_ids(ChatFormat.build(other, model="smollm2")) == [
+        other.convert_tokens_to_ids("<|endoftext|>"), other.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_model_card_says_what_was_shipped_and_why(exported, tiny_model_dir):

@@ -169,10 +169,12 @@ def test_dpo_loss_from_sequence_logprobs_matches_a_direct_computation(tiny_model
     from tunewise.data import Example
     from tunewise.train.batches import collate
     from tunewise.train.loss import sequence_logprobs
+    from tunewise.models import ChatFormat
     from tunewise.train.preference import dpo_losses, encode_pair
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    pairs = [encode_pair(tokenizer, Example(messages=[{"role": "user", "content": f"q{i}" * (i + 1)},
+    chat = ChatFormat.build(tokenizer, model="tiny")
+    pairs = [encode_pair(chat, Example(messages=[{"role": "user", "content": f"q{i}" * (i + 1)},
                                                       {"role": "assistant", "content": "yes" * (i + 1)}],
                                             source=f"x:{i}", rejected="no"), "Be brief.") for i in range(3)]
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], tokenizer.pad_token_id)
@@ -184,8 +186,8 @@ def test_dpo_loss_from_sequence_logprobs_matches_a_direct_computation(tiny_model
     direct = (logp[:, :-1].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
     torch.testing.assert_close(sums, direct, rtol=1e-5, atol=1e-5)
     assert counts.tolist() == mask.sum(-1).tolist() and all(c > 0 for c in counts.tolist())
-    # only the final answer is labeled: the prompt and system turns are not
-    assert counts[3:].tolist() == [len(tokenizer("no<|im_end|>\n", add_special_tokens=False)["input_ids"])] * 3
+    # only the final answer and its end-of-turn token are labeled: not the prompt, system turn or "\n" after
+    assert counts[3:].tolist() == [len(tokenizer("no<|im_end|>", add_special_tokens=False)["input_ids"])] * 3
     pi_c, pi_r = sums[:3], sums[3:]
     ref_c, ref_r = pi_c - 0.5, pi_r + 0.25
     losses, margin = dpo_losses(pi_c, pi_r, ref_c, ref_r, beta=0.2)

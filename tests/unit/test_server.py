@@ -21,8 +21,8 @@ from rich.console import Console
 from tests.openai_server import running as run_app
 from tunewise.deploy import check_adapter, create_app
 from tunewise.errors import TunewiseError
-from tunewise.evaluate.generate import decode, generate, generate_batch
-from tunewise.models import compute_dtype, load_model
+from tunewise.evaluate.generate import generate, generate_batch
+from tunewise.models import ChatFormat, compute_dtype, load_model
 
 KEY = "test-key"
 MAX_TOKENS = 10
@@ -65,13 +65,15 @@ def expected(tiny_model_dir, tokenizer, adapters) -> dict[str, list[str]]:
                                       adapter_name="a")
     model.load_adapter(adapters["b"], adapter_name="b")
 
+    chat = ChatFormat.build(tokenizer, model="tiny")
+
     def run() -> list[str]:
-        return generate(model, tokenizer, PROMPTS, max_new_tokens=MAX_TOKENS, batch_size=1,
+        return generate(model, chat, PROMPTS, max_new_tokens=MAX_TOKENS, batch_size=1,
                         console=Console(quiet=True), label="direct")
 
     def raw() -> str:  # /v1/completions: the prompt as it is, no chat template
-        [ids] = generate_batch(model, tokenizer, [RAW], max_new_tokens=MAX_TOKENS)
-        return decode(tokenizer, ids)
+        [ids] = generate_batch(model, chat, [RAW], max_new_tokens=MAX_TOKENS)
+        return chat.text(ids.tolist())
 
     outputs = {}
     for name in ("a", "b"):

@@ -1,8 +1,8 @@
 import torch
 
+from tunewise.models.chat import IGNORE, ChatFormat
 from tunewise.train.batches import collate, length_grouped_batches
 from tunewise.train.loss import supervised_loss
-from tunewise.train.tokenize import IGNORE, encode_chat
 
 
 def test_labels_cover_exactly_the_assistant_turns(tokenizer):
@@ -13,7 +13,7 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
         {"role": "user", "content": "Bye"},
         {"role": "assistant", "content": '{"a": 1}'},
     ]
-    enc = encode_chat(tokenizer, messages)
+    enc = ChatFormat.build(tokenizer, model="smollm2").encode(messages)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.decode(enc.input_ids) == full
     spans, current = [], []
@@ -26,8 +26,8 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
             current = []
     if current:
         spans.append(tokenizer.decode(current))
-    end = tokenizer.eos_token  # <|im_end|>: the model must learn to stop
-    assert spans == [f"Hello there{end}\n", f'{{"a": 1}}{end}\n']
+    end = tokenizer.eos_token  # <|im_end|>: the model must learn to stop; the template's "\n" after it is not trained
+    assert spans == [f"Hello there{end}", f'{{"a": 1}}{end}']
 
 
 def test_length_grouped_batches_cover_every_item_once():
@@ -44,8 +44,9 @@ def test_supervised_loss_matches_transformers_loss(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    chat = ChatFormat.build(tokenizer, model="smollm2")
     items = [
-        encode_chat(tokenizer, [{"role": "user", "content": "x" * n}, {"role": "assistant", "content": "y" * (n + 3)}])
+        chat.encode([{"role": "user", "content": "x" * n}, {"role": "assistant", "content": "y" * (n + 3)}])
         for n in (1, 7, 3)
     ]
     batch = collate(items, tokenizer.pad_token_id)
@@ -171,7 +172,8 @@ def _lora_config(tiny_model_dir, **lora):
 
 def _chat_batch(tokenizer, lengths: tuple[int, ...]) -> dict:
     """One padded batch of single-turn chats, question and answer `n` characters each."""
-    items = [encode_chat(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
+    chat = ChatFormat.build(tokenizer, model="smollm2")
+    items = [chat.encode([{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * n}])
              for n in lengths]
     return collate(items, tokenizer.pad_token_id)
 

@@ -28,7 +28,7 @@ from tunewise.data import similar, stats
 from tunewise.data.clean import answer_key, conflicting_labels, drop_exact_duplicates
 from tunewise.data.formats import Problem, read_examples
 from tunewise.data.outputs import detect_output_type, label_of
-from tunewise.data.records import Example, render_ids, with_system
+from tunewise.data.records import Example, with_system
 from tunewise.data.split import group_split, random_split, stratified_split, time_split
 from tunewise.errors import TunewiseError
 from tunewise.runs import atomic_write_json, atomic_write_jsonl, replace_dir, sha256_file
@@ -109,8 +109,8 @@ class Prepared:
         return out
 
 
-def _chat_tokens(tokenizer, example: Example, system_prompt: str) -> int:
-    return len(render_ids(tokenizer, with_system(example.messages, system_prompt)))
+def _chat_tokens(chat, example: Example, system_prompt: str) -> int:
+    return chat.count(with_system(example.messages, system_prompt))
 
 
 def _drop_clusters(examples: list[Example], clusters: list[list[int]], kind: str,
@@ -219,7 +219,7 @@ def _contamination(train: list[Example], held_out: list[Example], s: DataSetting
 
 
 def prepare(
-    paths: list[Path], s: DataSettings, *, tokenizer=None, log: Callable[[str], None] = lambda _: None
+    paths: list[Path], s: DataSettings, *, chat=None, log: Callable[[str], None] = lambda _: None
 ) -> Prepared:
     """Read, validate, clean, split and decontaminate; raises TunewiseError on unusable input."""
     keep = tuple(k for k in (s.group_key, s.time_key) if k)
@@ -235,8 +235,8 @@ def prepare(
     log(f"read {counts['read']} rows from {len(paths)} file(s): {len(examples)} valid, {len(problems)} rejected")
 
     tokens: dict[int, int] = {}  # id(example) -> tokens under the chat template
-    if tokenizer is not None:
-        tokens = {id(e): _chat_tokens(tokenizer, e, s.system_prompt) for e in examples}
+    if chat is not None:
+        tokens = {id(e): _chat_tokens(chat, e, s.system_prompt) for e in examples}
         if s.max_seq_len:
             too_long = [e for e in examples if tokens[id(e)] > s.max_seq_len]
             for e in too_long:
@@ -305,9 +305,9 @@ def _group_duplicates(duplicates: list[dict]) -> dict[str, list[str]]:
     return groups
 
 
-def preview_rows(tokenizer, examples: list[Example], system_prompt: str, n: int = 3) -> list[str]:
+def preview_rows(chat, examples: list[Example], system_prompt: str, n: int = 3) -> list[str]:
     """The first rows exactly as training will see them (chat template applied)."""
-    return [tokenizer.apply_chat_template(with_system(e.messages, system_prompt), tokenize=False) for e in examples[:n]]
+    return [chat.render(with_system(e.messages, system_prompt), generation_prompt=False) for e in examples[:n]]
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, preview: list[str]) -> dict:

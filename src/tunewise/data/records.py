@@ -65,9 +65,3 @@ def with_system(messages: list[Message], system_prompt: str) -> list[Message]:
     if not system_prompt or (messages and messages[0]["role"] == "system"):
         return list(messages)
     return [{"role": "system", "content": system_prompt}, *messages]
-
-
-def render_ids(tokenizer, messages: list[Message], *, generation_prompt: bool = False) -> list[int]:
-    """Token ids of `messages` under the tokenizer's chat template (what training sees)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]

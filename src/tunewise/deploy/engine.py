@@ -24,7 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunewise.errors import TunewiseError
 from tunewise.evaluate.generate import generate_batch
-from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
+from tunewise.models import ChatFormat, compute_dtype, load_chat, load_model, resolve_base
 
 HOLD = "\ufffd"  # the decoder's placeholder for a character whose bytes have not all arrived
 
@@ -94,11 +94,11 @@ class Job:
 
 class _Rows(StoppingCriteria):
     """Feeds each row's new token to its job (the streamer role) and says which rows are done:
-    end-of-turn, the job's own max_tokens, or one of its stop strings."""
+    one of the family's stop tokens, the job's own max_tokens, or one of its stop strings."""
 
-    def __init__(self, jobs: list[Job], tokenizer) -> None:
-        self.jobs, self.tokenizer = jobs, tokenizer
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, jobs: list[Job], chat: ChatFormat) -> None:
+        self.jobs, self.chat = jobs, chat
+        self.stops = set(chat.stop_ids)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         last = input_ids[:, -1].tolist()
@@ -106,34 +106,33 @@ class _Rows(StoppingCriteria):
             if job.finish_reason is not None:
                 continue
             job.ids.append(token)
-            if token == self.eos:
+            if token in self.stops:
                 job.finish_reason = "stop"
             elif self._hit_stop(job):
                 job.finish_reason = "stop"
             elif len(job.ids) >= job.max_tokens:
                 job.finish_reason = "length"
             if job.stream:
-                _push(job, self.tokenizer, final=job.finish_reason is not None)
+                _push(job, self.chat, final=job.finish_reason is not None)
         return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
 
     def _hit_stop(self, job: Job) -> bool:
         if not job.stop:
             return False
-        text = self.tokenizer.decode(job.ids, skip_special_tokens=True).lstrip()
-        return any(s in text for s in job.stop)
+        return any(s in self.chat.text(job.ids) for s in job.stop)
 
 
-def _visible(job: Job, tokenizer) -> str:
+def _visible(job: Job, chat: ChatFormat) -> str:
     """The answer so far as the client sees it: decoded like the evaluate stage, cut at a stop string."""
-    text = tokenizer.decode(job.ids, skip_special_tokens=True).lstrip()
+    text = chat.text(job.ids)
     cuts = [text.find(s) for s in job.stop if s in text]
     return text[: min(cuts)] if cuts else text
 
 
-def _push(job: Job, tokenizer, *, final: bool) -> None:
+def _push(job: Job, chat: ChatFormat, *, final: bool) -> None:
     """Stream the newly visible text. Held back until final: a half-decoded character, trailing
     whitespace (the final answer is stripped), and a tail that could start a stop string."""
-    text = _visible(job, tokenizer)
+    text = _visible(job, chat)
     if final:
         text = text.rstrip()
     else:
@@ -156,7 +155,7 @@ def _push(job: Job, tokenizer, *, final: bool) -> None:
 class Loaded:
     key: str
     peft_name: str | None  # None: the bare base (all adapters disabled)
-    tokenizer: object
+    chat: ChatFormat
     folder: Path | None
 
 
@@ -168,8 +167,9 @@ class Engine:
         path = resolve_base(base)
         self.base = base
         self.trust_remote_code = trust_remote_code
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        self.front = {None: copy.deepcopy(self.tokenizer)}  # request threads' own copies (see `front_tokenizer`)
+        self.path = path
+        self.chat = load_chat(path, model=base, trust_remote_code=trust_remote_code)
+        self.front = {None: copy.deepcopy(self.chat)}  # request threads' own copies (see `render`)
         self.front_lock = threading.Lock()
         model = load_model(path, dtype=compute_dtype(), trust_remote_code=trust_remote_code)
         self.model = model.to("cuda") if torch.cuda.is_available() else model
@@ -194,7 +194,7 @@ class Engine:
         from peft import PeftModel
 
         folder = check_adapter(key, folder)
-        tokenizer = self._adapter_tokenizer(key, folder)
+        chat = self._adapter_chat(key, folder)
         with self.lock:
             if key in self.loaded:
                 return self.loaded[key]
@@ -212,9 +212,9 @@ class Engine:
                     f"adapter '{key}' does not load onto '{self.base}' ({type(err).__name__}: {reason})", file=folder,
                     fix="serve the adapter with the base model it was trained on",
                 ) from None
-            self.loaded[key] = Loaded(key, peft_name, tokenizer, folder)
+            self.loaded[key] = Loaded(key, peft_name, chat, folder)
             with self.front_lock:
-                self.front[key] = copy.deepcopy(tokenizer)
+                self.front[key] = copy.deepcopy(chat)
             return self.loaded[key]
 
     def unload(self, key: str) -> None:
@@ -228,21 +228,23 @@ class Engine:
             with self.front_lock:
                 self.front.pop(key, None)
 
-    def _adapter_tokenizer(self, key: str, folder: Path):
-        """The tokenizer saved with the adapter (tunewise's train stage saves the one it trained
-        with, chat template included); the base's for a folder without one, as in evaluation."""
+    def _adapter_chat(self, key: str, folder: Path) -> ChatFormat:
+        """The chat format saved with the adapter (tunewise's train stage saves the tokenizer and
+        template it trained with, and the template's settings in tunewise.json); the base's for a
+        folder without a tokenizer, as in evaluation."""
         if not (folder / "tokenizer_config.json").is_file():
-            return self.tokenizer
-        tokenizer = load_tokenizer(folder, trust_remote_code=self.trust_remote_code)
-        if len(tokenizer) > self.vocab_rows:
+            return self.chat
+        chat = load_chat(self.path, model=f"adapter '{key}'", trust_remote_code=self.trust_remote_code,
+                         tokenizer_folder=folder)
+        if len(chat.tokenizer) > self.vocab_rows:
             raise TunewiseError(
-                f"adapter '{key}': its tokenizer has {len(tokenizer)} tokens, the base model's embeddings "
+                f"adapter '{key}': its tokenizer has {len(chat.tokenizer)} tokens, the base model's embeddings "
                 f"{self.vocab_rows}", file=folder, fix="serve the adapter with the base model it was trained on",
             )
-        return tokenizer
+        return chat
 
     def render(self, key: str | None, fn):
-        """`fn(tokenizer)` with a request-side copy of `key`'s tokenizer (None: the base's). The
+        """`fn(chat)` with a request-side copy of `key`'s chat format (None: the base's). The
         worker's tokenizers stay its own: a Rust tokenizer used by two threads at once fails
         ("Already borrowed") when one of them changes its padding."""
         with self.front_lock:
@@ -295,7 +297,7 @@ class Engine:
             entry = None if key is None else self.loaded.get(key)
             if key is not None and entry is None:
                 raise TunewiseError(f"the model '{key}' was unloaded while the request waited")
-            tokenizer = entry.tokenizer if entry else self.tokenizer
+            chat = entry.chat if entry else self.chat
             if isinstance(self.model, PeftModel) and entry is None:
                 context = self.model.disable_adapter()
             else:
@@ -303,18 +305,18 @@ class Engine:
                     self.model.set_adapter(entry.peft_name)
                 context = nullcontext()
             texts = [job.text for job in batch]
-            rows = _Rows(batch, tokenizer)
+            rows = _Rows(batch, chat)
             if batch[0].sampling and batch[0].seed is not None:
                 torch.manual_seed(batch[0].seed)
             with context:
-                generate_batch(self.model, tokenizer, texts, max_new_tokens=max(j.max_tokens for j in batch),
+                generate_batch(self.model, chat, texts, max_new_tokens=max(j.max_tokens for j in batch),
                                stopping_criteria=StoppingCriteriaList([rows]), sampling=batch[0].sampling)
         for job in batch:
             if job.finish_reason is None:  # generate stopped for all rows at max_new_tokens
                 job.finish_reason = "length"
             if job.stream:
-                _push(job, tokenizer, final=True)
+                _push(job, chat, final=True)
                 job.events.put(None)
-            job.done.set_result((_visible(job, tokenizer).rstrip(), job.finish_reason))
+            job.done.set_result((_visible(job, chat).rstrip(), job.finish_reason))
         if self.on_batch:
             self.on_batch(batch[0].key, len(batch), time.perf_counter() - started)

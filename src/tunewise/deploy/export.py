@@ -27,7 +27,7 @@ from rich.text import Text
 from tunewise.config import Config, load_config
 from tunewise.deploy.ggufwrite import check_gguf_support, gguf_quant, write_gguf
 from tunewise.errors import TunewiseError
-from tunewise.models import load_model, load_tokenizer, resolve_base
+from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
 from tunewise.progress import progress_bar
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_text, open_run_dir, read_json, replace_dir
 
@@ -62,30 +62,24 @@ def base_dtype(base_path: Path) -> torch.dtype:
     return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
 
 
-def end_of_turn_id(tokenizer) -> int | None:
-    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>)."""
-    marker = "tunewise-end-of-turn-probe"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    after = text[text.rindex(marker) + len(marker):]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)
+def stop_ids(chat: ChatFormat) -> list[int]:
+    """eos first (llama.cpp's eos), the end-of-turn token next (its eot), then the generation
+    config's other eos ids; not the token that opens a user turn (no tool reads it as an end)."""
+    eos = chat.tokenizer.eos_token_id
+    ids = (eos, chat.stop_ids[0], *chat.stop_ids[1:])
+    return list(dict.fromkeys(i for i in ids if i is not None and i != chat.opener_id))
 
 
-def stop_ids(tokenizer) -> list[int]:
-    """eos first, then the end-of-turn token when it is another one."""
-    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def save_merged(model, tokenizer, target: Path, dtype: torch.dtype) -> None:
-    """A standard transformers folder: weights in `dtype`, tokenizer, chat template, stop tokens."""
-    stops = stop_ids(tokenizer)
+def save_merged(model, chat: ChatFormat, target: Path, dtype: torch.dtype) -> None:
+    """A standard transformers folder: weights in `dtype`, tokenizer, the chat template the run
+    trained with (its settings as the template's defaults), every stop token."""
+    tokenizer = chat.tokenizer
+    stops = stop_ids(chat)
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.to(dtype).save_pretrained(target)
+    tokenizer.chat_template = chat.template_for_export()
     tokenizer.save_pretrained(target)
     # transformers writes the weights through a 0600 temp file; an artifact is an ordinary file
     mode = (target / "config.json").stat().st_mode & 0o777
@@ -98,14 +92,14 @@ def tokenizer_dir(adapter: Path, base_path: Path) -> Path:
     return adapter if (adapter / "tokenizer_config.json").exists() else base_path
 
 
-def build_merged(base_path: Path, adapter: Path, target: Path, console: Console) -> torch.dtype:
+def build_merged(base_path: Path, adapter: Path, target: Path, console: Console, *, model_name: str) -> torch.dtype:
     """Base (float32) + LoRA adapter -> PEFT merge_and_unload -> `target` in the base's dtype.
 
     Returns the dtype the weights were saved in."""
     from peft import PeftModel
 
     dtype = base_dtype(base_path)
-    tokenizer = load_tokenizer(tokenizer_dir(adapter, base_path))
+    chat = load_chat(base_path, model=model_name, tokenizer_folder=tokenizer_dir(adapter, base_path))
     with progress_bar(console) as progress:
         task = progress.add_task("merge", total=3, status=f"loading {base_path.name} in float32")
         if not (adapter / "adapter_config.json").exists():  # method: full: the run's own model folder
@@ -115,7 +109,7 @@ def build_merged(base_path: Path, adapter: Path, target: Path, console: Console)
             progress.update(task, advance=1, status=f"merging {adapter}")
             model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         progress.update(task, advance=1, status=f"saving in {str(dtype).removeprefix('torch.')}")
-        save_merged(model, tokenizer, target, dtype)
+        save_merged(model, chat, target, dtype)
         progress.update(task, advance=1, status="done")
     return dtype
 
@@ -149,7 +143,7 @@ def export_run(
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
         merged = Path(scratch) / "merged"
-        dtype = build_merged(base_path, adapter, merged, console)
+        dtype = build_merged(base_path, adapter, merged, console, model_name=config.model.base)
         if gguf:
             target = out / f"{slug(config.task.name)}-{quant}.gguf"
             write_gguf(merged, target, quant, name=f"{config.task.name} ({config.model.base} + LoRA)",

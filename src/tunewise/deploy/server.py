@@ -37,7 +37,6 @@ from starlette.exceptions import HTTPException
 
 from tunewise.deploy.engine import Engine, Job
 from tunewise.errors import TunewiseError
-from tunewise.evaluate.generate import prompt_length, render
 
 BASE = "base"
 DEFAULT_MAX_TOKENS = 256
@@ -413,7 +412,7 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
             except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer does
                 raise Refused(400, "the text holds a lone UTF-16 surrogate, which is not a character: send valid "
                               "Unicode", None, "messages" if isinstance(body, ChatRequest) else "prompt") from None
-        lengths = engine.render(tokenizer_key, lambda tok: [prompt_length(tok, t) for t in texts])
+        lengths = engine.render(tokenizer_key, lambda chat: [len(chat.ids(t)) for t in texts])
         for tokens in lengths:
             if engine.context and tokens + budget > engine.context:
                 raise Refused(400, f"This model's maximum context length is {engine.context} tokens. However, you "
@@ -484,8 +483,8 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
 
         def texts(target: Target) -> list[str]:
             try:
-                return [engine.render(target.key, lambda tok: render(tok, messages))]
-            except TemplateError as err:  # e.g. a template that wants user/assistant turns to alternate
+                return [engine.render(target.key, lambda chat: chat.prompt(messages))]
+            except (TemplateError, TunewiseError) as err:  # e.g. a template that wants turns to alternate
                 raise Refused(400, f"the chat template of '{target.model}' refuses these messages: {err}",
                               None, "messages") from None
 

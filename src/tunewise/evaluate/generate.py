@@ -1,7 +1,8 @@
 """Batched greedy generation with the KV cache (left padding, prompts sorted by length).
 
 `generate_batch` is the one place where tunewise turns prompts into tokens: the evaluate stage
-and `tunewise serve` both call it, so a served adapter answers what was evaluated.
+and `tunewise serve` both call it with the model family's `ChatFormat`, so a served adapter
+answers what was evaluated: same template, same token ids, same stop tokens.
 """
 
 from __future__ import annotations
@@ -10,33 +11,32 @@ import torch
 from rich.console import Console
 
 from tunewise.data.records import Message
+from tunewise.models import ChatFormat
 from tunewise.progress import progress_bar
 
 
-def render(tokenizer, messages: list[Message]) -> str:
-    """The chat prompt as the model sees it: its own chat template, ready for the assistant turn."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def prompt_length(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def left_padded(chat: ChatFormat, texts: list[str], device) -> dict[str, torch.Tensor]:
+    """Rendered prompts -> input_ids and attention_mask (B, T), padded on the left."""
+    rows = [chat.ids(t) for t in texts]
+    width = max(len(r) for r in rows)
+    pad = chat.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, texts: list[str], *, max_new_tokens: int, streamer=None,
+def generate_batch(model, chat: ChatFormat, texts: list[str], *, max_new_tokens: int, streamer=None,
                    stopping_criteria=None, sampling: dict | None = None) -> torch.Tensor:
     """The new token ids (B, <= max_new_tokens) for rendered prompts, one batch with left padding.
-    Greedy unless `sampling` gives `temperature`/`top_p`; rows stop at the end-of-turn token."""
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(device) for k, v in enc.items()}
+    Greedy unless `sampling` gives `temperature`/`top_p`; rows stop at any of the family's stop tokens."""
+    enc = left_padded(chat, texts, next(model.parameters()).device)
     options = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=list(chat.stop_ids),
+        pad_token_id=chat.tokenizer.pad_token_id,
         streamer=streamer,
         stopping_criteria=stopping_criteria,
         **options,
@@ -44,14 +44,9 @@ def generate_batch(model, tokenizer, texts: list[str], *, max_new_tokens: int, s
     return out[:, enc["input_ids"].shape[1]:]
 
 
-def decode(tokenizer, ids: list[int] | torch.Tensor) -> str:
-    """An answer's text as the evaluate stage records it: special tokens dropped, stripped."""
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def generate(
     model,
-    tokenizer,
+    chat: ChatFormat,
     prompts: list[list[Message]],
     *,
     max_new_tokens: int,
@@ -59,9 +54,10 @@ def generate(
     console: Console,
     label: str,
 ) -> list[str]:
-    """Greedy completions of chat prompts, in the prompts' order; stops at the end-of-turn token."""
-    texts = [render(tokenizer, p) for p in prompts]
-    lengths = [prompt_length(tokenizer, t) for t in texts]
+    """Greedy completions of chat prompts, in the prompts' order, cut at the first stop token
+    (reasoning blocks are kept here; `ChatFormat.split` takes them apart for scoring)."""
+    texts = [chat.prompt(p) for p in prompts]
+    lengths = [len(chat.ids(t)) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     outputs: list[str] = [""] * len(texts)
     model.eval()
@@ -69,8 +65,8 @@ def generate(
         task = progress.add_task(label, total=len(texts), status="")
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            new = generate_batch(model, tokenizer, [texts[i] for i in idx], max_new_tokens=max_new_tokens)
+            new = generate_batch(model, chat, [texts[i] for i in idx], max_new_tokens=max_new_tokens)
             for i, row in zip(idx, new):
-                outputs[i] = decode(tokenizer, row)
+                outputs[i] = chat.text(row.tolist())
             progress.update(task, advance=len(idx))
     return outputs

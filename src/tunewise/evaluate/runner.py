@@ -27,10 +27,11 @@ from tunewise.evaluate.generate import generate
 from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
 from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
-from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
+from tunewise.models import Answer, ChatFormat, base_chat, compute_dtype, load_model, resolve_base
+from tunewise.models.chat import split_reasoning
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
-GENERATION_VERSION = 2  # bump when generation changes in a way that changes outputs (2: adapters unmerged)
+GENERATION_VERSION = 3  # bump when generation changes outputs (2: adapters unmerged; 3: the family's stop tokens)
 MAX_CONFUSION_LABELS = 20
 
 
@@ -39,21 +40,24 @@ class LocalGenerator:
     """The base model, or base + adapter: batched greedy generation with the KV cache."""
 
     model: torch.nn.Module
-    tokenizer: object
+    chat: ChatFormat
     fingerprint: str
     batch_size: int
 
     def render(self, prompt: list[Message]) -> str:
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return self.chat.prompt(prompt)
 
     def settings(self, max_new_tokens: int) -> dict:
         dtype = str(next(self.model.parameters()).dtype)
         return {"engine": "tunewise", "version": GENERATION_VERSION, "decoding": "greedy",
-                "max_new_tokens": max_new_tokens, "dtype": dtype}
+                "max_new_tokens": max_new_tokens, "dtype": dtype, "stop_ids": list(self.chat.stop_ids)}
 
     def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str) -> list[str]:
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+        return generate(self.model, self.chat, prompts, max_new_tokens=max_new_tokens,
                         batch_size=self.batch_size, console=console, label=label)
+
+    def split(self, output: str) -> Answer:
+        return self.chat.split(output)
 
 
 @dataclass
@@ -74,6 +78,9 @@ class RemoteGenerator:
 
     def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str) -> list[str]:
         return chat_many(self.endpoint, prompts, max_tokens=max_new_tokens, console=console, label=label)
+
+    def split(self, output: str) -> Answer:
+        return split_reasoning(output)
 
 
 Generator = LocalGenerator | RemoteGenerator
@@ -201,11 +208,11 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
 
     Built-in arms build their prompts from the test item (and shots); endpoint arms get the
     zero-shot prompt, as a user of that model would send it."""
-    tokenizer = load_tokenizer(resolve_base(config.model.base))
+    chat = base_chat(config.model)
     train = load_split(run.split("train"))
     test = test_items(run, config)
     kind = output_type(run)
-    budget = max_new_tokens(config, tokenizer, train)
+    budget = max_new_tokens(config, chat.tokenizer, train)
     fixed = pick_shots(train, config.eval.few_shot_k, config.data.seed)
     schema = None
     if kind == "json":
@@ -217,12 +224,15 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
         if arm == "retrieved_few_shot":
             shots = retrieve_shots(train, test, config.eval.few_shot_k, run.index)
         prompts = build_prompts(arm, test, config.task.system_prompt, shots)
-        outputs = generate_cached(gen, cache, prompts, budget, console, arm)
+        answers = [gen.split(o) for o in generate_cached(gen, cache, prompts, budget, console, arm)]
+        outputs = [a.text for a in answers]  # scored without the reasoning block
         scores = score_items(kind, outputs, references, schema=schema)
         rows = [
-            {"source": e.source, "prompt": e.prompt_messages[-1]["content"], "reference": r, "output": o, "scores": s}
+            {"source": e.source, "prompt": e.prompt_messages[-1]["content"], "reference": r, "output": a.text,
+             "scores": s}
+            | ({"reasoning": a.reasoning} if a.reasoning else {})
             | ({"shots": [x.source for x in item_shots]} if arm.endswith("few_shot") else {})
-            for e, r, o, s, item_shots in zip(test, references, outputs, scores, shots)
+            for e, r, a, s, item_shots in zip(test, references, answers, scores, shots)
         ]
         atomic_write_jsonl(run.predictions(arm), rows)
         ev = config.eval
@@ -240,8 +250,9 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
 def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerator, console: Console) -> dict:
     """Score base or fine-tune on tunewise's general regression set (the forgetting check)."""
     items = forgetting.load_regression_set()
-    outputs = generate_cached(gen, open_cache(config), forgetting.prompts(items), forgetting.MAX_NEW_TOKENS,
-                              console, f"regression set ({who})")
+    raw = generate_cached(gen, open_cache(config), forgetting.prompts(items), forgetting.MAX_NEW_TOKENS, console,
+                          f"regression set ({who})")
+    outputs = [gen.split(o).text for o in raw]
     scores = forgetting.score(items, outputs)
     atomic_write_jsonl(run.regression_predictions(who), [
         {"id": it.id, "category": it.category, "prompt": it.prompt, "output": o, "passed": s}
@@ -264,7 +275,7 @@ def load_base_for_eval(config: Config) -> LocalGenerator:
     path = resolve_base(config.model.base)
     model = load_model(path, dtype=compute_dtype())
     model = model.to("cuda") if torch.cuda.is_available() else model
-    return LocalGenerator(model, load_tokenizer(path), model_fingerprint(path), config.eval.batch_size)
+    return LocalGenerator(model, base_chat(config.model), model_fingerprint(path), config.eval.batch_size)
 
 
 def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
@@ -277,10 +288,10 @@ def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
     if not (run.adapter / "adapter_config.json").exists():  # method: full wrote a whole model
         model = load_model(run.adapter, dtype=compute_dtype()).eval()
         model = model.to("cuda") if torch.cuda.is_available() else model
-        return LocalGenerator(model, load_tokenizer(path), model_fingerprint(run.adapter), config.eval.batch_size)
+        return LocalGenerator(model, base_chat(config.model), model_fingerprint(run.adapter), config.eval.batch_size)
     base = load_base_for_eval(config)
     model = PeftModel.from_pretrained(base.model, run.adapter).eval()
-    return LocalGenerator(model, base.tokenizer, model_fingerprint(path, run.adapter), config.eval.batch_size)
+    return LocalGenerator(model, base.chat, model_fingerprint(path, run.adapter), config.eval.batch_size)
 
 
 def endpoint_arms(config: Config) -> dict[str, RemoteGenerator]:

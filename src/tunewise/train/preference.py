@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tunewise.data import Example, with_system
-from tunewise.data.records import render_ids
-from tunewise.train.tokenize import IGNORE, Encoded, encode_chat
+from tunewise.models.chat import ChatFormat, Encoded
 
 
 @dataclass(frozen=True)
@@ -35,16 +34,11 @@ class Pair:
         return max(len(self.chosen), len(self.rejected))
 
 
-def _final_turn_only(tokenizer, messages, encoded: Encoded) -> Encoded:
-    start = len(render_ids(tokenizer, messages[:-1], generation_prompt=True))
-    return Encoded(encoded.input_ids, [IGNORE] * start + encoded.labels[start:])
-
-
-def encode_pair(tokenizer, example: Example, system_prompt: str) -> Pair:
+def encode_pair(chat: ChatFormat, example: Example, system_prompt: str) -> Pair:
     """Both answers under the chat template; labels only on the final assistant turn."""
     chosen = with_system(example.messages, system_prompt)
     rejected = [*chosen[:-1], {"role": "assistant", "content": example.rejected or ""}]
-    return Pair(*(_final_turn_only(tokenizer, m, encode_chat(tokenizer, m)) for m in (chosen, rejected)))
+    return Pair(*(chat.encode(m, final_only=True) for m in (chosen, rejected)))
 
 
 def dpo_losses(pi_c, pi_r, ref_c, ref_r, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,69 @@
+"""A second real family end to end: Gemma 3 270M *base* (no chat template, SentencePiece, 262k
+vocabulary) from its PyPI chunk packages, through `tunewise run` on a sample of the demo task."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from tunewise.config import load_config
+from tunewise.data import with_system
+from tunewise.models import load_chat, load_model, resolve_base
+from tunewise.pipeline import run_pipeline
+from tunewise.runs import read_json, read_jsonl
+
+pytestmark = pytest.mark.integration
+
+DEMO = Path(__file__).parents[2] / "examples" / "debian-sections" / "tunewise.yaml"
+TEMPLATE_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>")
+
+
+@pytest.fixture(scope="module")
+def gemma_run(tmp_path_factory):
+    overrides = ["model.base=gemma-3-270m", "data.max_examples=120", "train.epochs=1", "eval.max_test=12",
+                 "eval.bootstrap_samples=300", "eval.forgetting=false", "eval.max_new_tokens=40"]
+    return run_pipeline(DEMO, overrides, tmp_path_factory.mktemp("gemma") / "runs", Console(quiet=True))
+
+
+def test_gemma_base_runs_end_to_end_with_the_recorded_default_template(gemma_run):
+    run, verdict = gemma_run
+    assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and verdict["n_items"] == 12
+    assert read_json(run.status)["state"] == "complete" and run.report.exists()
+    summary = read_json(run.train_summary)
+    assert summary["best_val_loss"] < summary["first_val_loss"]
+    chat = read_json(run.adapter / "tunewise.json")["chat"]
+    assert chat["source"] == "default:gemma" and chat["end_of_turn"] == ["<end_of_turn>"]
+    # the template trained with travels with the adapter, so serving and export prompt the same way
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(run.adapter).chat_template == chat["template"]
+
+
+def test_no_template_token_leaks_into_an_output(gemma_run):
+    run, verdict = gemma_run
+    for arm in verdict["means"]:
+        for row in read_jsonl(run.predictions(arm)):
+            assert not any(t in row["output"] for t in TEMPLATE_TOKENS), (arm, row["output"])
+            assert not row["output"].startswith("model\n")
+
+
+def test_the_fine_tune_stops_at_end_of_turn(gemma_run):
+    from peft import PeftModel
+
+    run, _ = gemma_run
+    base_path = resolve_base("gemma-3-270m")
+    chat = load_chat(base_path, model="gemma-3-270m", tokenizer_folder=run.adapter)
+    model = PeftModel.from_pretrained(load_model(base_path, dtype=torch.float32), run.adapter).eval()
+    system = load_config(run.config).task.system_prompt
+    end = chat.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    stopped = 0
+    for row in read_jsonl(run.split("test"))[:4]:
+        prompt = chat.prompt(with_system(row["messages"][:-1], system))
+        ids = torch.tensor([chat.ids(prompt)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                 do_sample=False, eos_token_id=list(chat.stop_ids),
+                                 pad_token_id=chat.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        stopped += out[-1] == end
+    assert stopped >= 3  # trained on <end_of_turn> for one epoch: it ends its answers there
