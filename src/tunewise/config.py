@@ -304,7 +304,10 @@ def _apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise TunewiseError(f"cannot set '{key}': '{part}' is not a section", field=key)
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    try:  # a number, a bool, a list ... as YAML reads it; text that is not YAML stays text (a template)
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

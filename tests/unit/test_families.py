@@ -5,6 +5,7 @@ and the refusals for templates that cannot be used exactly."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.families import FAMILIES, SHIPPED, family_tokenizer, generation_eos
 from tunewise.errors import TunewiseError
@@ -219,3 +220,43 @@ def test_templates_that_cannot_be_used_exactly_are_refused(tokenizer, template, 
     assert err.value.fix and err.value.field.startswith("model.chat_template")
     if "cannot train" in str(err.value):
         assert "org/some-model" in str(err.value)
+
+
+def test_an_unusable_template_stops_a_run_before_any_stage(make_project, monkeypatch, capsys, tmp_path):
+    """Through the real entry point: exit 2, the model, reason and fix, no traceback, no run folder."""
+    from tests.helpers import run_cli
+
+    config = make_project()
+    code, out = run_cli(monkeypatch, capsys, "run", "-c", str(config), "--runs", str(tmp_path / "runs"),
+                        "--set", "model.chat_template={% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert code == 2 and "Traceback" not in out
+    assert "no special token closes the assistant's turn" in out and "fix:" in out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    code, out = run_cli(monkeypatch, capsys, "run", "-c", str(config), "--runs", str(tmp_path / "runs"),
+                        "--set", "model.chat_template_kwargs.enable_thinking=false")
+    assert code == 2 and "does not read enable_thinking" in out
+
+
+@pytest.mark.parametrize("name", ["gemma-3", "llama-3", "phi-3.5"])
+def test_generation_stops_at_end_of_turn_when_it_is_not_eos(tokenizer, tmp_path, name):
+    """A real `generate` through the evaluate stage's batch function: a model that always says the
+    family's end-of-turn token stops after it; stopping only at eos would run to the budget."""
+    from tests.families import tiny_model_folder
+    from tunewise.evaluate.generate import generate_batch
+    from tunewise.models import load_chat, load_model
+
+    folder = tiny_model_folder(name, family_tokenizer(name, tokenizer), tmp_path / name)
+    chat = load_chat(folder, model=name)
+    eot = chat.tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
+    assert eot != chat.tokenizer.eos_token_id
+    model = load_model(folder).eval()
+    head = torch.nn.Linear(model.config.hidden_size, len(chat.tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eot] = 10.0  # every next token is the end-of-turn token
+    model.lm_head = head
+    prompts = [chat.prompt(CHAT[:2]), chat.prompt(CHAT[1:2])]
+    new = generate_batch(model, chat, prompts, max_new_tokens=12)
+    assert new.tolist() == [[eot], [eot]]  # stopped at once, not at the 12-token budget
+    assert [chat.text(row) for row in new.tolist()] == ["", ""]
