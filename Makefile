@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TW := $(VENV)/bin/tunewise
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser demo test test-fast gpu-smoke bench-setup clean
+.PHONY: setup model llamacpp browser demo test test-fast gpu-smoke bench-setup clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,27 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# llama.cpp for GGUF export, from the llama-cpp-python source distribution (it vendors llama.cpp):
+# its converter scripts (pure Python: convert_hf_to_gguf.py, convert_lora_to_gguf.py, gguf-py) go to
+# $(VENV)/share/llama.cpp, and the library built from the same tree (quantize, inference for the
+# parity checks) is installed as llama_cpp. The build takes minutes on 2 cores, once per venv.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
+$(LLAMA_STAMP): $(STAMP)
+	rm -rf $(VENV)/.llamacpp-src $(VENV)/share/llama.cpp && mkdir -p $(VENV)/.llamacpp-src $(VENV)/share/llama.cpp
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/.llamacpp-src
+	tar -xzf $(VENV)/.llamacpp-src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/.llamacpp-src
+	cd $(VENV)/.llamacpp-src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp && \
+	  cp -r convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py LICENSE $(abspath $(VENV))/share/llama.cpp/
+	# the converter reads SentencePiece tokenizer.model files (Gemma, Mistral, Phi-3)
+	$(PY) -m pip install --quiet sentencepiece protobuf
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet \
+	  $(VENV)/.llamacpp-src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	rm -rf $(VENV)/.llamacpp-src
+	touch $(LLAMA_STAMP)
+
+llamacpp: $(LLAMA_STAMP)
+
 model: setup
 	$(TW) model import
 
@@ -33,14 +54,14 @@ browser:
 demo: model
 	$(TW) demo
 
-test: model browser
+test: model llamacpp browser
 	$(PY) -m pytest -m "not gpu" -q
 
-test-fast: setup
+test-fast: setup llamacpp
 	$(PY) -m pytest -m "not integration and not gpu" -q
 
 # On a machine with a CUDA GPU: the gpu tier and the demo end to end on CUDA (minutes).
-gpu-smoke: model
+gpu-smoke: model llamacpp
 	bash tools/gpu_smoke.sh
 
 # The reference tools the benchmarks in bench/ compare against (TRL).

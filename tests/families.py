@@ -166,3 +166,87 @@ def tiny_model_folder(name: str, tok, out: Path, *, template: bool = True) -> Pa
         config_path.write_text(json.dumps(data), encoding="utf-8")
         (out / "chat_template.jinja").unlink(missing_ok=True)
     return out
+
+
+# --- the families' own architectures, for GGUF export through llama.cpp's converter --------------
+
+def _rope_llama3() -> dict:
+    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# family -> (transformers config class, model class, config settings beyond the shared tiny sizes)
+ARCHITECTURES = {
+    "llama-3.1": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": _rope_llama3()}),
+    "qwen-2.5": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen-3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral-v0.3": ("MistralConfig", "MistralForCausalLM", {"head_dim": 16}),
+    "gemma-2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                                      "sliding_window": 64}),
+    "gemma-3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                                          "sliding_window": 64}),
+    "phi-3.5": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "phi-4-mini": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.75}),
+    "smollm2": ("LlamaConfig", "LlamaForCausalLM", {}),
+}
+SPM_CLASS = {"mistral-v0.3": "LlamaTokenizer", "gemma-2": "GemmaTokenizer", "gemma-3": "GemmaTokenizer",
+             "phi-3.5": "LlamaTokenizer"}
+
+
+def spm_tokenizer(name: str, out: Path):
+    """A real SentencePiece model (tokenizer.model, as Gemma/Mistral/Phi-3 ship) trained here with the
+    family's tokens, loaded by transformers (which converts it to a fast tokenizer), real template."""
+    import sentencepiece
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    family = FAMILIES[name]
+    control = [t for t in (family.pad, family.eos, family.bos, "<unk>") if t]
+    control = list(dict.fromkeys(control))
+    symbols = [t for t in family.special if t not in control]
+    out.mkdir(parents=True, exist_ok=True)
+    ids = {"pad": -1, "eos": -1, "bos": -1, "unk": -1}
+    pieces = {}
+    for i, piece in enumerate(control):
+        role = next(r for r, t in (("pad", family.pad), ("eos", family.eos), ("bos", family.bos), ("unk", "<unk>"))
+                    if t == piece)
+        ids[role], pieces[f"{role}_piece"] = i, piece
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 20), model_prefix=str(out / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, control_symbols=symbols, hard_vocab_limit=False,
+        pad_id=ids["pad"], eos_id=ids["eos"], bos_id=ids["bos"], unk_id=ids["unk"], **pieces,
+        add_dummy_prefix=family.dummy_prefix, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, character_coverage=1.0, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    config = {"tokenizer_class": SPM_CLASS[name], "bos_token": family.bos, "eos_token": family.eos,
+              "pad_token": family.pad, "unk_token": "<unk>", "add_bos_token": family.add_bos}
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in symbols], special_tokens=True)
+    path = TEMPLATES / family.template
+    tok.chat_template = (path if path.exists() else SHIPPED / family.template).read_text(encoding="utf-8")
+    return tok
+
+
+def architecture_folder(name: str, tok, out: Path) -> Path:
+    """A 2-layer random model of the family's own architecture with `tok` and its generation config."""
+    import transformers
+
+    config_class, model_class, extra = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        initializer_range=0.2, **extra)
+    model = getattr(transformers, model_class)(config).eval()
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=generation_eos(name, tok), pad_token_id=tok.pad_token_id)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)  # next to the tokenizer.model spm_tokenizer trained into `out`
+    if name == "phi-4-mini":  # as the hub's Phi-4-mini says; llama.cpp's converter reads it
+        config_path = out / "tokenizer_config.json"
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        config_path.write_text(json.dumps({**data, "tokenizer_class": "GPT2Tokenizer"}), encoding="utf-8")
+    return out

@@ -18,5 +18,5 @@ step "gpu tier" "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider
 step "demo run on CUDA" "$TW" run -c examples/debian-sections/tunewise.yaml --runs "$OUT/runs" \
   --set data.max_examples=300 --set train.epochs=1 --set eval.max_test=40 --set eval.forgetting=false
 RUN=$(ls -d "$OUT"/runs/*/ | head -1)
-step "export merged + gguf" "$TW" export "$RUN" --merge --gguf --quant q8_0
+step "export merged + gguf (llama.cpp parity)" "$TW" export "$RUN" --merge --gguf --quant q4_k_m
 echo "verdict: $("$PY" -c "import json, sys; v = json.load(open(sys.argv[1])); print(v['decision'], v['means'])" "$RUN/verdict.json")"

@@ -364,16 +364,21 @@ def model_import(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
     merge: Annotated[bool, typer.Option("--merge", help="Write the adapter merged into the base (safetensors).")] = False,
-    gguf: Annotated[bool, typer.Option("--gguf", help="Write a GGUF file for llama.cpp.")] = False,
-    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f32, f16, bf16, q8_0, ...")] = "q8_0",
+    gguf: Annotated[bool, typer.Option("--gguf", help="Write a GGUF file and an Ollama Modelfile (llama.cpp).")] = False,
+    quant: Annotated[str, typer.Option(
+        "--quant", help="GGUF type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q5_0, q4_0, ...")] = "q8_0",
+    gguf_adapter: Annotated[bool, typer.Option(
+        "--gguf-adapter", help="Write the LoRA as a GGUF adapter with the base's GGUF (llama.cpp --lora, Ollama "
+                               "ADAPTER).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Export folder [default: RUN/export].")] = None,
 ) -> None:
-    """Export a run's fine-tune: merged transformers folder with a model card, and/or GGUF."""
+    """Export a run's fine-tune: merged transformers folder with a model card, GGUF files checked in llama.cpp."""
     from tunewise.deploy.export import export_run
 
-    if not (merge or gguf):
-        raise TunewiseError("nothing to export", fix="add --merge, --gguf, or both")
-    export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, console=console)  # prints what it wrote
+    if not (merge or gguf or gguf_adapter):
+        raise TunewiseError("nothing to export", fix="add --merge, --gguf, --gguf-adapter or a mix")
+    export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, gguf_adapter=gguf_adapter,
+               console=console)  # prints what it wrote
 
 
 def _adapter_options(values: list[str]) -> dict[str, Path]:

@@ -1,17 +1,23 @@
 """Export on the embedded SmolLM2-135M-Instruct (about a minute): `pytest -m integration`.
 
-The merged model generates what base+adapter generates; the f16 and q8_0 GGUF files, read back by
-transformers, generate what the merged model generates (q8_0: up to a near-tie of the merged model)."""
+The merged model generates what base+adapter generates; the f16 GGUF made by llama.cpp's
+converter runs in llama.cpp with the merged model's tokens and greedy outputs (checked on the f32
+conversion, measured on f16), and llama.cpp's own completion loop stops where transformers stops:
+at <|im_end|>. (q8_0 is not near-lossless in llama.cpp on this 135M model: it quantizes the
+activations too, and "What is the capital of France?" starts "L'Étoile" instead of "The capital";
+top-1 agreement 0.93 on the prompt positions, measured with llamacpp.parity.)"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from rich.console import Console
 
 from tests.unit.test_export import write_fake_run
+from tunewise.deploy import llamacpp
 from tunewise.deploy.export import export_run
-from tunewise.deploy.ggufwrite import write_gguf
 
 pytestmark = pytest.mark.integration
 QUIET = Console(quiet=True)
@@ -22,9 +28,8 @@ PROMPTS = [
     "List three prime numbers.",
 ]
 NEW_TOKENS = 24
-# Measured with this adapter: merged vs base+adapter max |logit diff| 1.7e-4 (logits up to ~40);
-# f16 GGUF 0.040; q8_0 GGUF 1.28 max, 0.15-0.22 mean. Bounds leave 3-6x headroom.
-MERGE_ATOL, F16_ATOL, Q8_ATOL, Q8_MEAN = 1e-3, 0.2, 4.0, 0.5
+# Measured with this adapter: merged vs base+adapter max |logit diff| 1.7e-4 (logits up to ~40).
+MERGE_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +38,9 @@ def shipped(tmp_path_factory, embedded_path, tokenizer):
     # and some generations, and keeps the model coherent
     run = write_fake_run(tmp_path_factory.mktemp("export-embedded") / "run", embedded_path, tokenizer,
                          lora_std=0.002, base_name="smollm2-135m-instruct")
-    written = export_run(run.root, merge=True, gguf=True, quant="q8_0", console=QUIET)
-    f16 = write_gguf(written["merged"], written["gguf"].with_name("smollm2-f16.gguf"), "f16", name="f16",
-                     console=QUIET)
-    return run, written, f16
+    gguf = llamacpp.available()
+    written = export_run(run.root, merge=True, gguf=gguf, quant="f16", console=QUIET)
+    return run, written
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +62,7 @@ def greedy(model, tokenizer, generation_config) -> list[torch.Tensor]:
                            do_sample=False)[0] for p in PROMPTS]
 
 
-@pytest.fixture(scope="module")
-def merged_sequences(merged, tokenizer):
-    return greedy(merged, tokenizer, merged.generation_config)
-
-
-def load_gguf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-
-
-def test_merged_model_is_base_plus_adapter(shipped, merged, merged_sequences, embedded_path, tokenizer):
+def test_merged_model_is_base_plus_adapter(shipped, merged, embedded_path, tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -83,46 +76,43 @@ def test_merged_model_is_base_plus_adapter(shipped, merged, merged_sequences, em
         merged_logits = merged(x).logits
     torch.testing.assert_close(merged_logits, unmerged, rtol=0, atol=MERGE_ATOL)
     assert (merged_logits - base_logits).abs().max() > 0.1
+    merged_sequences = greedy(merged, tokenizer, merged.generation_config)
     unmerged_sequences = greedy(adapted, tokenizer, merged.generation_config)
     assert all(torch.equal(a, b) for a, b in zip(merged_sequences, unmerged_sequences))
     # generation_config.json stops at <|im_end|>: a short answer ends there, not at max_new_tokens
     assert any(seq[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>") for seq in merged_sequences)
 
 
-def test_f16_gguf_generates_what_the_merged_model_generates(shipped, merged, merged_sequences, tokenizer):
-    gguf = load_gguf(shipped[2])
-    x = merged_sequences[2].unsqueeze(0)
-    with torch.no_grad():
-        torch.testing.assert_close(gguf(x).logits, merged(x).logits, rtol=0, atol=F16_ATOL)
-    assert all(torch.equal(a, b) for a, b in zip(greedy(gguf, tokenizer, merged.generation_config), merged_sequences))
-
-
-def test_q8_0_gguf_generates_what_the_merged_model_generates_up_to_near_ties(shipped, merged, merged_sequences,
-                                                                             tokenizer):
-    gguf = load_gguf(shipped[1]["gguf"])
-    for ours, reference in zip(greedy(gguf, tokenizer, merged.generation_config), merged_sequences):
-        with torch.no_grad():
-            logits = merged(reference.unsqueeze(0)).logits[0]  # (T, V)
-            quantized = gguf(reference.unsqueeze(0)).logits[0]
-        assert (quantized - logits).abs().max() < Q8_ATOL and (quantized - logits).abs().mean() < Q8_MEAN
-        n = min(len(ours), len(reference))
-        differs = (ours[:n] != reference[:n]).nonzero()
-        if len(differs) or len(ours) != len(reference):
-            at = differs[0].item() if len(differs) else n
-            top2 = logits[at - 1].topk(2).values  # the merged model's choice at the first divergence
-            assert top2[0] - top2[1] < 0.5, "q8_0 changed a greedy choice the merged model made with a clear margin"
-
-
-def test_gguf_tokenizer_matches_and_stops_at_end_of_turn(shipped, tokenizer):
+@pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")
+def test_gguf_generates_in_llama_cpp_what_the_merged_model_generates(shipped, merged, tokenizer):
     from gguf import GGUFReader
-    from transformers import AutoTokenizer
 
-    path = shipped[1]["gguf"]
-    reread = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": p} for p in PROMPTS[:1]],
-                                         add_generation_prompt=True, tokenize=False)
-    for text in [chat, *PROMPTS]:
-        assert reread(text)["input_ids"] == tokenizer(text)["input_ids"]
-    fields = GGUFReader(path).fields
-    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert fields["general.base_model.0.name"].contents() == "smollm2-135m-instruct"
+    run, written = shipped
+    lossless, quantized = json.loads(written["parity"].read_text())["checks"]
+    assert lossless["file"] == "tiny-task-f32.gguf" and lossless["greedy_equal"] == lossless["prompts"] == 3
+    assert lossless["tokens_equal"] == 3 and lossless["top1_agreement"] == 1.0
+    assert quantized["file"] == "tiny-task-f16.gguf" and quantized["tokens_equal"] == 3
+    assert quantized["top1_agreement"] > 0.98 and quantized["greedy_equal"] + quantized["greedy_near_ties"] == 3
+    fields = GGUFReader(written["gguf"]).fields
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == im_end
+    assert fields["general.architecture"].contents() == "llama"
+
+    # llama.cpp's own completion loop (greedy) ends an answer at <|im_end|> by itself, as transformers does
+    llm = llamacpp.open_gguf(written["gguf"], n_ctx=256)
+    try:
+        reasons = []
+        for prompt in PROMPTS:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+            assert ids == encode(tokenizer, prompt)["input_ids"][0].tolist()
+            done = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1,
+                                         repeat_penalty=1.0)["choices"][0]  # its default is 1.1
+            assert "<|im_end|>" not in done["text"] and "<|im_start|>" not in done["text"]
+            reasons.append(done["finish_reason"])
+        hf_stopped = [seq[-1].item() == im_end for seq in greedy(merged, tokenizer, merged.generation_config)]
+        hf_stopped = [seq[-1].item() == im_end for seq in greedy(merged, tokenizer, merged.generation_config)]
+        assert "stop" in reasons and sum(r == "stop" for r in reasons) == sum(hf_stopped), (reasons, hf_stopped)
+    finally:
+        llm.close()

@@ -1,5 +1,6 @@
 """A second real family end to end: Gemma 3 270M *base* (no chat template, SentencePiece, 262k
-vocabulary) from its PyPI chunk packages, through `tunewise run` on a sample of the demo task."""
+vocabulary) from its PyPI chunk packages, through `tunewise run` on a sample of the demo task, then
+exported to GGUF and checked in llama.cpp."""
 
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from rich.console import Console
 
 from tunewise.config import load_config
 from tunewise.data import with_system
+from tunewise.deploy import llamacpp
+from tunewise.deploy.export import export_run
 from tunewise.models import load_chat, load_model, resolve_base
 from tunewise.pipeline import run_pipeline
 from tunewise.runs import read_json, read_jsonl
@@ -69,3 +72,29 @@ def test_the_fine_tune_stops_at_end_of_turn(gemma_run):
                                  pad_token_id=chat.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
         stopped += out[-1] == end
     assert stopped >= 3  # trained on <end_of_turn> for one epoch: it ends its answers there
+
+
+@pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")
+def test_gemma_gguf_matches_the_merged_model_in_llama_cpp(gemma_run, tmp_path):
+    """The fine-tune as Q4_K_M GGUF + Modelfile: the bf16 conversion is checked in llama.cpp on the
+    test prompts (same ids, same greedy answers) before it is quantized. (The adapter GGUF is checked
+    on the tiny model in the unit tier: here it would add a minute.)"""
+    from gguf import GGUFReader
+
+    run, _ = gemma_run
+    written = export_run(run.root, tmp_path, merge=False, gguf=True, quant="q4_k_m", console=Console(quiet=True))
+    parity = read_json(written["parity"])
+    lossless, quantized = parity["checks"]
+    assert parity["lossless_type"] == "bf16" and lossless["file"] == "debian-sections-bf16.gguf"
+    assert lossless["tokens_equal"] == lossless["prompts"] == 4  # the real Gemma tokenizer, in llama.cpp
+    assert lossless["greedy_equal"] + lossless["greedy_near_ties"] == 4 and lossless["top1_agreement"] >= 0.98
+    assert quantized["file"] == "debian-sections-q4_k_m.gguf" and quantized["tokens_equal"] == 4
+    fields = GGUFReader(written["gguf"]).fields
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    eot = fields["tokenizer.ggml.eot_token_id"].contents() if "tokenizer.ggml.eot_token_id" in fields else None
+    modelfile = written["modelfile"].read_text()
+    assert 'PARAMETER stop "<end_of_turn>"' in modelfile and '"<start_of_turn>user\\n"' in modelfile
+    assert "<bos>" not in modelfile  # llama.cpp adds it (add_bos_token), the template must not repeat it
+    assert eot is None or eot == load_chat(resolve_base("gemma-3-270m"), model="g").tokenizer.convert_tokens_to_ids(
+        "<end_of_turn>")

@@ -1,6 +1,7 @@
-"""Export on a tiny random llama: the merged folder equals base+adapter, the GGUF reloads in
-transformers with the merged model's logits (within each quant type's error), the tokenizer
-survives the GGUF round trip, and bad input or a crash leaves no half-written export."""
+"""Export on a tiny random llama: the merged folder equals base+adapter; the GGUF files made by
+llama.cpp's converter and quantizer run in llama.cpp (libllama) with the merged model's tokens,
+logits and greedy outputs; the Ollama Modelfile and the GGUF LoRA adapter; bad input or a crash
+leaves no half-written export."""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ import torch
 from rich.console import Console
 
 from tunewise.deploy import export as export_mod
+from tunewise.deploy import llamacpp, ollama
 from tunewise.deploy.export import export_run, stop_ids
-from tunewise.deploy.ggufwrite import QUANTS, check_gguf_support, permute_qk, pre_tokenizer, write_gguf
 from tunewise.errors import TunewiseError
-from tunewise.models import ChatFormat
+from tunewise.models import ChatFormat, load_chat
 from tunewise.runs import RunDir, atomic_write_json
 
 QUIET = Console(quiet=True)
-# Largest |GGUF logit - merged logit| allowed, as a fraction of the largest |merged logit|. Measured
-# on this model (fraction of max |logit| 0.74): f32 0, f16 3.5e-4, bf16 2.8e-3, q8_0 9.8e-3,
-# q5_1 3.8e-2, q5_0 4.0e-2, q4_1 7.9e-2, q4_0 9.9e-2; the bounds leave 2-6x headroom.
-TOLERANCE = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2, "q5_1": 1e-1, "q5_0": 1e-1, "q4_1": 2e-1, "q4_0": 2e-1}
+needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")
+TEST_ITEMS = ["Package: vim\nDescription: Vi IMproved", "Package: gcc\nDescription: GNU C compiler",
+              "Package: curl\nDescription: command line tool for transferring data with URL syntax"]
 RED_FLAG = "length drift: fine-tune outputs are 2.10x the references' length (limit 2x)"
 
 
@@ -66,6 +66,10 @@ def write_fake_run(
     model.save_pretrained(run.adapter)
     tokenizer.save_pretrained(run.adapter)
     atomic_write_json(run.adapter / "tunewise.json", {"dataset_version": "ds-1234abcd", "config_sha256": "c0ffee"})
+    run.split("test").parent.mkdir(parents=True, exist_ok=True)
+    run.split("test").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": item}, {"role": "assistant", "content": '{"section": "x"}'}],
+        "source": f"data.jsonl:{i + 1}"}) + "\n" for i, item in enumerate(TEST_ITEMS)), encoding="utf-8")
     return run
 
 
@@ -76,6 +80,8 @@ def trained_run(tmp_path_factory, tiny_model_dir, tokenizer) -> RunDir:
 
 @pytest.fixture(scope="module")
 def exported(trained_run) -> dict[str, Path]:
+    if not llamacpp.available():
+        return export_run(trained_run.root, merge=True, console=QUIET)
     return export_run(trained_run.root, merge=True, gguf=True, quant="q8_0", console=QUIET)
 
 
@@ -89,14 +95,6 @@ def merged_logits(exported, inputs) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(exported["merged"], dtype=torch.float32)
-    with torch.no_grad():
-        return model(inputs).logits
-
-
-def gguf_logits(path: Path, inputs: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         return model(inputs).logits
 
@@ -153,112 +151,95 @@ def test_model_card_says_what_was_shipped_and_why(exported, tiny_model_dir):
     assert card.startswith("---\nbase_model: ")
     for expected in (str(tiny_model_dir), "LoRA", "r=4", "ds-1234abcd", "**SHIP.**", "beats zero-shot prompting",
                      "`json_exact`", "| metric | zero_shot | finetuned |", "| json_exact | 0.200 [0.100, 0.300] |",
-                     "## Intended use", "Reply with JSON.", "## Limits", RED_FLAG, "tiny-task-q8_0.gguf", "c0ffee"):
+                     "## Intended use", "Reply with JSON.", "## Limits", RED_FLAG, "c0ffee",
+                     *(["tiny-task-q8_0.gguf", "Modelfile", "parity.json"] if "gguf" in exported else [])):
         assert expected in card, expected
     assert exported["card"] == exported["merged"] / "README.md"
 
 
-# --- GGUF ------------------------------------------------------------------------------------
+# --- GGUF (llama.cpp) ------------------------------------------------------------------------
 
-def test_permutation_is_llama_cpps_and_transformers_undoes_it():
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
-
-    # one head of dim 4: rows in rotate-half order (0, 1 | 2, 3) become interleaved pairs (0, 2), (1, 3)
-    assert permute_qk(torch.arange(4.0).reshape(4, 1).numpy(), 1).ravel().tolist() == [0.0, 2.0, 1.0, 3.0]
-    w = torch.randn(2 * 8, 6).numpy()  # 2 kv heads of dim 8
-    undo = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
-    assert (undo.process(permute_qk(w, 2), "blk.0.attn_k.weight").weights == w).all()
-    q = torch.randn(4 * 8, 6).numpy()
-    assert (undo.process(permute_qk(q, 4), "blk.0.attn_q.weight").weights == q).all()
-
-
-def test_gguf_metadata_and_tensor_names_are_llama_cpps(exported, tokenizer):
+@needs_llamacpp
+def test_gguf_runs_in_llama_cpp_with_the_merged_models_outputs(exported, tokenizer):
     from gguf import GGUFReader
 
+    parity = json.loads(exported["parity"].read_text())
+    assert parity["lossless_type"] == "f32" and parity["prompts"] == len(TEST_ITEMS)
+    lossless, quantized = parity["checks"]  # the f32 conversion is checked first, then the q8_0 file
+    assert lossless["file"] == "tiny-task-f32.gguf" and lossless["lossless"]
+    assert lossless["tokens_equal"] == lossless["greedy_equal"] == len(TEST_ITEMS)
+    assert lossless["top1_agreement"] == 1.0 and lossless["max_abs_logit_diff"] < 1e-3
+    assert quantized["file"] == "tiny-task-q8_0.gguf" and quantized["tokens_equal"] == len(TEST_ITEMS)
+    assert quantized["top1_agreement"] > 0.9
     reader = GGUFReader(exported["gguf"])
     field = lambda key: reader.fields[key].contents()  # noqa: E731
-    expected = {
-        "general.architecture": "llama", "general.file_type": 7, "llama.context_length": 512,
-        "llama.embedding_length": 32, "llama.block_count": 2, "llama.feed_forward_length": 64,
-        "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 8,
-        "llama.vocab_size": len(tokenizer), "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
-        "tokenizer.ggml.bos_token_id": tokenizer.bos_token_id, "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
-        "tokenizer.ggml.padding_token_id": tokenizer.pad_token_id, "tokenizer.ggml.add_bos_token": False,
-        "tokenizer.chat_template": tokenizer.chat_template,
-    }
-    for key, value in expected.items():
-        assert field(key) == value, key
-    assert field("llama.rope.freq_base") == pytest.approx(10000.0)
-    assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
-    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    assert len(tokens) == len(tokenizer) and tokens[2] == "<|im_end|>" and types[2] == 3 and types[100] == 1
-    merges = json.loads((exported["merged"] / "tokenizer.json").read_text())["model"]["merges"]
-    assert len(field("tokenizer.ggml.merges")) == len(merges)
+    assert field("general.architecture") == "llama" and field("tokenizer.ggml.pre") == "smollm"
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "Reply with JSON" not in field("tokenizer.chat_template")  # the template, not the system prompt
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-    assert set(kinds) == {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{name}.weight" for i in range(2) for name in per_block}  # tied: no output.weight
-    assert {kinds[n] for n in kinds if n.endswith("norm.weight")} == {"F32"}
-    assert {kinds[n] for n in kinds if not n.endswith("norm.weight")} == {"Q8_0"}
+    assert kinds["blk.1.ffn_down.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
 
 
-# one type per family in the fast tier (full precision, 8-bit, 4-bit); the rest (about 11 s each,
-# mostly transformers rebuilding the tokenizer from the GGUF) run with the integration tier in `make test`
-FAST_QUANTS = ("f32", "q8_0", "q4_1")
+@needs_llamacpp
+def test_parity_sees_a_changed_model(exported, tiny_model_dir):
+    """The check can fail: the GGUF against the base (not the merged model) disagrees."""
+    from transformers import AutoModelForCausalLM
+
+    chat = load_chat(exported["merged"], model="tiny")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = [chat.prompt([{"role": "user", "content": item}]) for item in TEST_ITEMS]
+    result = llamacpp.parity(exported["gguf"], base, chat, prompts)
+    assert result.max_abs_logit_diff > 1e-2 and not result.passed()
 
 
-@pytest.mark.parametrize("quant", [q if q in FAST_QUANTS else pytest.param(q, marks=pytest.mark.integration)
-                                   for q in QUANTS])
-def test_gguf_reloads_in_transformers_with_the_merged_models_logits(quant, exported, merged_logits, inputs, tmp_path):
+# each export is about 15 s (two converter runs, two parity checks): with the integration tier in
+# `make test`, so the fast tier keeps its 5 minutes
+@pytest.mark.integration
+@needs_llamacpp
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k", "bf16"])
+def test_k_quants_and_other_types_are_llama_cpps(quant, trained_run, tmp_path):
     from gguf import GGUFReader
 
-    path = write_gguf(exported["merged"], tmp_path / f"tiny-{quant}.gguf", quant, name="tiny", console=QUIET)
-    logits = gguf_logits(path, inputs)
-    if quant == "f32":
-        torch.testing.assert_close(logits, merged_logits)
-    else:
-        tolerance = TOLERANCE[quant] * merged_logits.abs().max().item()
-        torch.testing.assert_close(logits, merged_logits, rtol=0, atol=tolerance)
-    kinds = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
-    qtype = QUANTS[quant][0].name
-    assert kinds["blk.1.ffn_down.weight"] == qtype and kinds["blk.0.attn_norm.weight"] == "F32"
-    # the tied embedding is also the output matrix: 8 bits under 4/5-bit types, as llama-quantize keeps it
-    assert kinds["token_embd.weight"] == ("Q8_0" if quant.startswith(("q4", "q5")) else qtype)
+    written = export_run(trained_run.root, tmp_path, merge=False, gguf=True, quant=quant, console=QUIET)
+    assert written["gguf"].name == f"tiny-task-{quant}.gguf"
+    types = {t.tensor_type.name for t in GGUFReader(written["gguf"]).tensors}
+    # rows of 32 are not whole 256-blocks: llama.cpp falls back from K-quants per tensor, as it does for
+    # such shapes in real models; a file type is still recorded
+    assert types - {"F32"}, types
+    checks = json.loads(written["parity"].read_text())["checks"]
+    assert [c["file"] for c in checks] == ["tiny-task-f32.gguf", f"tiny-task-{quant}.gguf"]
+    assert checks[1]["tokens_equal"] == len(TEST_ITEMS)
 
 
-def test_untied_embeddings_write_the_output_tensor(tmp_path, tokenizer):
+@needs_llamacpp
+def test_modelfile_has_the_template_stops_and_system_prompt(exported, tokenizer):
+    text = exported["modelfile"].read_text()
+    assert text.startswith("FROM ./tiny-task-q8_0.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    assert 'SYSTEM """Reply with JSON."""' in text
+    chat = load_chat(exported["merged"], model="tiny")
+    pieces = ollama.pieces(chat, add_bos=False)
+    messages = [{"role": "system", "content": "Reply with JSON."}, {"role": "user", "content": "Package: vim"},
+                {"role": "assistant", "content": "{}"}, {"role": "user", "content": "Package: gcc"}]
+    assert ollama.render_like_ollama(pieces, messages) == chat.prompt(messages)
+    for piece in [*pieces.begin.values(), *pieces.between.values(), pieces.tail]:
+        assert json.dumps(piece, ensure_ascii=False) in text  # each piece is written into the Go template
+
+
+@pytest.mark.integration
+@needs_llamacpp
+def test_gguf_lora_adapter_runs_over_the_base_gguf_in_llama_cpp(trained_run, tmp_path, tiny_model_dir):
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=False, rope_theta=5000.0)
-    folder = tmp_path / "untied"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    path = write_gguf(folder, tmp_path / "untied-f32.gguf", "f32", name="untied", console=QUIET)
-    assert "output.weight" in {t.name for t in GGUFReader(path).tensors}
-    x = torch.randint(0, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(x).logits
-    torch.testing.assert_close(gguf_logits(path, x), reference)
-
-
-def test_tokenizer_read_back_from_the_gguf_encodes_the_same_ids(exported, tokenizer):
-    from transformers import AutoTokenizer
-
-    gguf = exported["gguf"]
-    reread = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    chat = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Reply with JSON."}, {"role": "user", "content": "Package: vim 9.1"},
-         {"role": "assistant", "content": '{"section": "editors"}'}], tokenize=False)
-    texts = ["Hello world!", "  two  spaces\tand a tab\n", "café déjà vu 12345 ½ 🦙", "def f(x):\n    return x", chat]
-    for text in texts:
-        assert reread(text)["input_ids"] == tokenizer(text)["input_ids"], text
-    assert reread.chat_template == tokenizer.chat_template
-    special = lambda t: (t.bos_token, t.eos_token, t.pad_token)  # noqa: E731
-    assert special(reread) == special(tokenizer)
+    written = export_run(trained_run.root, tmp_path, merge=False, gguf_adapter=True, console=QUIET)
+    adapter, base = written["adapter_gguf"], written["base_gguf"]
+    assert adapter.name == "tiny-task-lora-f32.gguf" and base.exists()
+    assert GGUFReader(adapter).fields["general.type"].contents() == "adapter"
+    check = json.loads(written["parity"].read_text())["checks"][0]
+    assert check["lora"] == adapter.name and check["greedy_equal"] == len(TEST_ITEMS)
+    assert check["max_abs_logit_diff"] < 1e-3  # base + adapter in llama.cpp = the merged model
+    modelfile = written["adapter_modelfile"].read_text()
+    assert modelfile.startswith(f"FROM ./{base.name}\nADAPTER ./{adapter.name}\n")
 
 
 # --- bad input, atomic writes ----------------------------------------------------------------
@@ -267,24 +248,28 @@ def test_unknown_quant_is_refused_before_any_work(trained_run, monkeypatch):
     monkeypatch.setattr(export_mod, "build_merged", lambda *a, **k: pytest.fail("merged before checking --quant"))
     with pytest.raises(TunewiseError) as err:
         export_run(trained_run.root, gguf=True, quant="q3_k", console=QUIET)
-    assert "q3_k" in str(err.value) and "q8_0" in str(err.value) and "bf16" in str(err.value)
+    assert "q3_k" in str(err.value) and "q4_k_m" in str(err.value) and "bf16" in str(err.value)
 
 
-def test_what_gguf_cannot_describe_is_refused_before_merging(tmp_path):
+def test_missing_llama_cpp_is_refused_before_merging(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "build_merged", lambda *a, **k: pytest.fail("merged without llama.cpp"))
+    monkeypatch.setenv("TUNEWISE_LLAMA_CPP", str(tmp_path))
+    with pytest.raises(TunewiseError) as err:
+        export_run(trained_run.root, tmp_path / "out", merge=False, gguf=True, console=QUIET)
+    assert "convert_hf_to_gguf.py" in str(err.value) and "make llamacpp" in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@needs_llamacpp
+def test_an_architecture_the_converter_does_not_know_is_explained(tmp_path):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=1).save_pretrained(tmp_path)
-    with pytest.raises(TunewiseError, match="llama-architecture"):
-        check_gguf_support(tmp_path, tmp_path)
-    spec = {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}}
-    digits_then_bytes = [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]
-    llama3_like = [{"type": "Split", "pattern": {"Regex": "..."}}, {"type": "ByteLevel", "use_regex": False}]
-    assert pre_tokenizer({**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": digits_then_bytes}},
-                         tmp_path) == "smollm"  # what the hub's SmolLM2 tokenizer.json has
-    with pytest.raises(TunewiseError, match="convert_hf_to_gguf"):
-        pre_tokenizer({**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": llama3_like}}, tmp_path)
-    with pytest.raises(TunewiseError, match="byte-level BPE"):
-        pre_tokenizer({"model": {"type": "Unigram"}, "decoder": {"type": "Metaspace"}}, tmp_path)
+    config = GPT2Config(n_layer=1).to_dict() | {"architectures": ["NoSuchModelForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TunewiseError) as err:
+        llamacpp.convert(tmp_path, tmp_path / "x.gguf", "f32", console=QUIET)
+    assert "NoSuchModelForCausalLM" in str(err.value) and "export --merge" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no partial file
 
 
 def test_bad_run_folders_are_explained(tmp_path):
@@ -298,26 +283,21 @@ def test_bad_run_folders_are_explained(tmp_path):
         export_run(tmp_path, merge=False, gguf=False, console=QUIET)
 
 
+@needs_llamacpp
 def test_gguf_only_export_is_atomic_and_leaves_no_scratch(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    written = export_run(trained_run.root, out, merge=False, gguf=True, quant="f16", console=QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny-task-f16.gguf"]
-    assert written == {"gguf": out / "tiny-task-f16.gguf", "card": out / "README.md"}
+    written = export_run(trained_run.root, out, merge=False, gguf=True, quant="f32", console=QUIET)
+    names = ["Modelfile", "README.md", "parity.json", "tiny-task-f32.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert written == {"gguf": out / "tiny-task-f32.gguf", "modelfile": out / "Modelfile",
+                       "parity": out / "parity.json", "card": out / "README.md"}
     before = written["gguf"].read_bytes()
 
-    import tunewise.deploy.ggufwrite as ggufwrite
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
 
-    calls = []
-    real = ggufwrite.quants.quantize
-
-    def crash_on_fifth_tensor(data, qtype):
-        calls.append(qtype)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(data, qtype)
-
-    monkeypatch.setattr(ggufwrite.quants, "quantize", crash_on_fifth_tensor)
+    monkeypatch.setattr(llamacpp, "quantize", interrupted)  # after the merge and the f32 conversion
     with pytest.raises(KeyboardInterrupt):
-        export_run(trained_run.root, out, merge=True, gguf=True, quant="f16", console=QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny-task-f16.gguf"]  # no merged/, no temp
+        export_run(trained_run.root, out, merge=True, gguf=True, quant="q4_k_m", console=QUIET)
+    assert sorted(p.name for p in out.iterdir()) == names  # no merged/, no temp, nothing replaced
     assert written["gguf"].read_bytes() == before

@@ -4,13 +4,21 @@
       merged/               the adapter merged into the base: a standard transformers folder
                             (safetensors, config, tokenizer, chat template, generation_config.json
                             whose eos ids stop at the end of a chat turn) + README.md, the model card
-      <task>-<quant>.gguf   the merged model for llama.cpp (ggufwrite.py)
+      <task>-<quant>.gguf   the merged model for llama.cpp: converted by llama.cpp's converter,
+                            quantized by libllama (llamacpp.py)
+      Modelfile             for Ollama: FROM the GGUF, the chat template, the stops, the system prompt
+      <task>-lora-<type>.gguf, <base>-<type>.gguf, adapter.Modelfile
+                            with --gguf-adapter: the LoRA as a llama.cpp adapter over the base's GGUF
+      parity.json           llama.cpp running each GGUF vs transformers running the merged model
 
 The merge is PEFT's `merge_and_unload` on the base loaded in float32, so W + BA is computed and
 rounded once; the merged weights are then saved in the base's own dtype, which keeps the merged
 model a drop-in replacement for the base (same size, same precision the base was published in).
 GGUF is made from the merged folder; without --merge that folder is built in a scratch folder and
-removed. Every artifact is written in a temporary sibling and renamed into place at the end.
+removed. The GGUF is first converted in the merged model's own precision (lossless), checked in
+llama.cpp against the merged model (same tokens, top-1 agreement, identical greedy outputs: a
+failure stops the export), then quantized; the quantized file's agreement is measured and written
+down. Every artifact is written in a temporary sibling and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tunewise.config import Config, load_config
-from tunewise.deploy.ggufwrite import check_gguf_support, gguf_quant, write_gguf
+from tunewise.deploy import llamacpp, ollama
 from tunewise.errors import TunewiseError
 from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
 from tunewise.progress import progress_bar
@@ -120,37 +128,46 @@ def slug(name: str) -> str:
 
 def export_run(
     run_dir: str | Path, out: str | Path | None = None, *, merge: bool = True, gguf: bool = False,
-    quant: str = "q8_0", console: Console,
+    quant: str = "q8_0", gguf_adapter: bool = False, console: Console,
 ) -> dict[str, Path]:
-    """Export a trained run: the merged model folder, a GGUF file, or both, with a model card.
+    """Export a trained run: the merged model folder, a GGUF file with its Ollama Modelfile, a GGUF
+    LoRA adapter, each checked in llama.cpp, with a model card.
 
-    Returns the written paths: "merged" (folder), "gguf" (file), "card" (README.md)."""
-    if not (merge or gguf):
-        raise TunewiseError("nothing to export", fix="ask for --merge, --gguf or both")
+    Returns the written paths: "merged" (folder), "gguf", "modelfile", "adapter_gguf", "base_gguf",
+    "adapter_modelfile", "parity" (files), "card" (README.md)."""
+    if not (merge or gguf or gguf_adapter):
+        raise TunewiseError("nothing to export", fix="ask for --merge, --gguf, --gguf-adapter or a mix")
     run = open_run_dir(run_dir)
-    quant = quant.lower()
-    if gguf:
-        gguf_quant(quant)  # an unknown quant fails before minutes of merging
+    quant = llamacpp.check_quant(quant) if gguf or gguf_adapter else quant
     adapter = trained_adapter(run)
+    if gguf_adapter and not (adapter / "adapter_config.json").exists():
+        raise TunewiseError("a full fine-tune has no adapter to export as a GGUF LoRA", file=adapter,
+                            fix="export the whole model with --gguf")
+    if gguf or gguf_adapter:  # missing tools fail before minutes of merging
+        llamacpp.converter_dir()
+        llamacpp.library()
     config = load_config(run.config)
     base_path = resolve_base(config.model.base)
-    if gguf:
-        check_gguf_support(base_path, tokenizer_dir(adapter, base_path))
     verdict = read_json(run.verdict) if run.verdict.exists() else None
     _warn_unless_shipped(verdict, run, console)
     out = Path(out) if out is not None else run.root / "export"
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
-        merged = Path(scratch) / "merged"
+        scratch = Path(scratch)
+        merged = scratch / "merged"
         dtype = build_merged(base_path, adapter, merged, console, model_name=config.model.base)
-        if gguf:
-            target = out / f"{slug(config.task.name)}-{quant}.gguf"
-            write_gguf(merged, target, quant, name=f"{config.task.name} ({config.model.base} + LoRA)",
-                       base_model=config.model.base, console=console)
-            written["gguf"] = target
-        files = (["merged/"] if merge else []) + ([written["gguf"].name] if gguf else [])
+        ready: dict[str, Path] = {}  # final name -> file in scratch
+        if gguf or gguf_adapter:
+            ready, parity = _gguf_files(run, config, merged, base_path, adapter, scratch, quant, dtype,
+                                        whole=gguf, lora=gguf_adapter, console=console)
+            ready["parity.json"] = scratch / "parity.json"
+            atomic_write_json(ready["parity.json"], parity)
+        files = (["merged/"] if merge else []) + list(ready)
         card = model_card(run, config, verdict, dtype=dtype, files=files)
+        for name, path in ready.items():
+            os.replace(path, out / name)
+            written[_kind(name, config)] = out / name
         if merge:
             atomic_write_text(merged / "README.md", card)
             atomic_write_json(merged / "tunewise.json", _provenance(run, config, dtype, files))
@@ -163,6 +180,99 @@ def export_run(
     for kind, path in written.items():
         console.print(Text.assemble(("export ", "bold"), f"{kind}: {path}"))
     return written
+
+
+_KINDS = {"Modelfile": "modelfile", "adapter.Modelfile": "adapter_modelfile", "parity.json": "parity"}
+
+
+def _kind(name: str, config: Config) -> str:
+    if name in _KINDS:
+        return _KINDS[name]
+    if name.startswith(f"{slug(config.task.name)}-lora-"):
+        return "adapter_gguf"
+    return "gguf" if name.startswith(f"{slug(config.task.name)}-") else "base_gguf"
+
+
+def parity_prompts(run: RunDir, config: Config, chat: ChatFormat, n: int = 4) -> list[str]:
+    """The first test items as the fine-tune is prompted in evaluation and serving."""
+    from tunewise.data.prepare import load_split
+    from tunewise.evaluate.arms import zero_shot_prompt
+
+    if not run.split("test").exists():
+        raise TunewiseError("the run has no test split to check the GGUF on", file=run.split("test"),
+                            fix=f"prepare the data again: tunewise run --resume {run.root}")
+    items = load_split(run.split("test"))[:n]
+    return [chat.prompt(zero_shot_prompt(item, config.task.system_prompt)) for item in items]
+
+
+def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adapter: Path, scratch: Path,
+                quant: str, dtype: torch.dtype, *, whole: bool, lora: bool, console: Console,
+                ) -> tuple[dict[str, Path], dict]:
+    """Convert, check in llama.cpp, quantize; returns {final name: scratch file} and the parity record."""
+    chat = load_chat(merged, model=config.model.base)
+    prompts = parity_prompts(run, config, chat)
+    lossless = llamacpp.LOSSLESS[str(dtype).removeprefix("torch.")]
+    reference = load_model(merged, dtype=torch.float32).eval()
+    record: dict = {"prompts": len(prompts), "lossless_type": lossless, "checks": []}
+    ready: dict[str, Path] = {}
+    task = slug(config.task.name)
+
+    def check(path: Path, *, exact: bool, lora_file: Path | None = None) -> None:
+        console.print(f"checking {path.name} in llama.cpp against the merged model ({len(prompts)} test prompts)")
+        result = llamacpp.parity(path, reference, chat, prompts, lora=lora_file)
+        record["checks"].append({**result.record(), "lossless": exact, "lora": lora_file.name if lora_file else None})
+        if result.token_difference is not None:
+            console.print(Text.assemble(("warning ", "yellow"), (
+                f"llama.cpp tokenizes {result.prompts - result.tokens_equal} of {result.prompts} test prompts "
+                f"differently from transformers (first at token {result.token_difference['position']}: llama.cpp "
+                f"{result.token_difference['llama.cpp']} vs {result.token_difference['transformers']}); prompts sent "
+                "as text to llama.cpp or Ollama are not the ones the model was trained and evaluated on")))
+        if exact and not result.passed():
+            raise TunewiseError(
+                f"llama.cpp does not reproduce the merged model with {path.name}: {result.tokens_equal}/"
+                f"{result.prompts} prompts tokenized alike, top-1 agreement {result.top1_agreement:.3f}, "
+                f"{result.greedy_equal}/{result.prompts} greedy outputs equal (e.g. llama.cpp "
+                f"{result.example.get('llama.cpp')!r} vs {result.example.get('transformers')!r})",
+                fix="export --merge still works; report the model family to tunewise")
+
+    if whole:
+        source = llamacpp.convert(merged, scratch / f"{task}-{lossless}.gguf", lossless, console=console)
+        check(source, exact=True)
+        name = f"{task}-{quant}.gguf"
+        if quant == lossless:
+            final = source
+        elif quant in llamacpp.CONVERT_TYPES:
+            final = llamacpp.convert(merged, scratch / name, quant, console=console)
+        else:
+            final = llamacpp.quantize(source, scratch / name, quant)
+        if final is not source:
+            check(final, exact=False)
+            source.unlink()
+        ready[name] = final
+        _write_modelfile(ready, scratch / "Modelfile", chat, name, add_bos=llamacpp.gguf_adds_bos(final),
+                         system=config.task.system_prompt, console=console)
+    if lora:
+        base_name = f"{slug(Path(config.model.base).name)}-{lossless}.gguf"
+        base_gguf = llamacpp.convert(base_path, scratch / base_name, lossless, console=console)
+        lora_name = f"{task}-lora-{lossless}.gguf"
+        lora_gguf = llamacpp.convert_lora(adapter, base_path, scratch / lora_name, lossless, console=console)
+        check(base_gguf, exact=True, lora_file=lora_gguf)
+        ready[base_name], ready[lora_name] = base_gguf, lora_gguf
+        _write_modelfile(ready, scratch / "adapter.Modelfile", chat, base_name, adapter=lora_name,
+                         add_bos=llamacpp.gguf_adds_bos(base_gguf), system=config.task.system_prompt, console=console)
+    return ready, record
+
+
+def _write_modelfile(ready: dict[str, Path], path: Path, chat: ChatFormat, gguf_name: str, *, add_bos: bool,
+                     system: str | None, console: Console, adapter: str | None = None) -> None:
+    """The Ollama Modelfile, or a warning saying why there is none (the GGUF is still right)."""
+    try:
+        text = ollama.modelfile(chat, gguf_name, add_bos=add_bos, system=system, adapter=adapter)
+    except TunewiseError as err:
+        console.print(Text.assemble(("warning ", "yellow"), f"no {path.name}: {err.message}"))
+        return
+    atomic_write_text(path, text)
+    ready[path.name] = path
 
 
 def _warn_unless_shipped(verdict: dict | None, run: RunDir, console: Console) -> None:
@@ -279,7 +389,8 @@ def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torc
         f"The task `{config.task.name}`, on inputs like the training data. Prompt it the way it was trained: "
         "through the chat template shipped with the tokenizer"
         + (f", with this system prompt:\n\n> {config.task.system_prompt}" if config.task.system_prompt else "")
-        + "\n\nGeneration stops at the end-of-turn token (generation_config.json / the GGUF's eos and eot ids).", "",
+        + "\n\nGeneration stops at the end-of-turn token (generation_config.json / the GGUF's eos and eot ids; "
+        "the Modelfile's `PARAMETER stop` lines for Ollama).", "",
         *_limits(verdict, config, manifest),
         "## Provenance", "",
         "Libraries at training time: "
