@@ -39,8 +39,8 @@ def captured(monkeypatch):
     seen = {}
     real = methods.build
 
-    def build(config, base_path, dtype):
-        tr = real(config, base_path, dtype)
+    def build(config, base_path, dtype, **kwargs):
+        tr = real(config, base_path, dtype, **kwargs)
         seen["tr"] = tr
         seen["before"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         return tr
@@ -248,15 +248,35 @@ def test_memory_plan_halves_the_batch_and_keeps_the_global_batch(monkeypatch, ti
 
     config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)}})
     tr = methods.build(config, tiny_model_dir, torch.float32)
-    roomy = loop.memory_plan(tr, 8, 1, 128, "auto", 1)
+    roomy = loop.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
     assert roomy == (8, 1, False, "")
     # 1 MB free: checkpointing goes on first, then the batch halves while accumulation doubles
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1.5e6})())
-    batch, accum, checkpointing, note = loop.memory_plan(tr, 8, 1, 128, "auto", 1)
+    batch, accum, checkpointing, note = loop.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
     assert checkpointing and batch * accum == 8 and batch < 8 and "halved" in note
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1e3})())
     with pytest.raises(TunewiseError, match="train.max_seq_len"):
-        loop.memory_plan(tr, 8, 1, 128, "auto", 1)
+        loop.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
+
+
+def test_memory_plan_counts_the_logits_of_the_vocabulary(monkeypatch, tiny_model_dir):
+    import psutil
+
+    from tunewise.config import Config
+
+    config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)}})
+    tr = methods.build(config, tiny_model_dir, torch.float32)
+    vocab = tr.causal_lm.get_output_embeddings().weight.shape[0]
+    # room for 8 rows of activations with checkpointing, not for 8 rows x 64 answer tokens of fp32 logits x3
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 150e6})())
+    assert loop.memory_plan(tr, 8, 1, 128, "on", 1, 0)[0] == 8
+    batch, accum, _, note = loop.memory_plan(tr, 8, 1, 128, "on", 1, 64)
+    assert batch * 3 * 4 * vocab * 64 < 0.7 * 150e6 < 8 * 3 * 4 * vocab * 64  # what halving had to reach
+    assert batch == 2 and accum == 4 and "logits" in note
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 30e6})())
+    with pytest.raises(TunewiseError) as err:
+        loop.memory_plan(tr, 8, 1, 128, "on", 1, 64)
+    assert f"{vocab:,}-token vocabulary" in err.value.message
 
 
 @pytest.mark.parametrize("method", ["full", "prompt_tuning", "dpo"])

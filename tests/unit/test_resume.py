@@ -190,6 +190,46 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 
+def test_resume_where_less_memory_is_free_takes_the_same_steps(prepared, tmp_path, monkeypatch):
+    """The memory plan halves the micro-batch on the second machine; the checkpoint still resumes
+    (only the global batch is in the fingerprint) and every step takes the same examples, so the
+    weights end as an uninterrupted run's, up to float summation order (dropout off: its masks
+    depend on the micro-batch's shape)."""
+    def without_dropout(name: str) -> RunDir:
+        run = copy_run(prepared, tmp_path, name)
+        run.config.write_text(run.config.read_text().replace("dropout: 0.1", "dropout: 0.0"))
+        return run
+
+    reference, run = without_dropout("reference"), without_dropout("run")
+    expected = train(reference)
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(folder, model, optimizer, scheduler, state, **kwargs):  # the first machine stops at 9
+        real_save(folder, model, optimizer, scheduler, state, **kwargs)
+        if state.step >= 9:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(run)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert read_trainer_state(list_checkpoints(run.checkpoints)[-1]).step == 9
+    plans = []
+
+    def tight(tr, batch_size, grad_accum, *rest):  # the second machine: only half the micro-batch fits
+        plans.append((batch_size // 2, grad_accum * 2))
+        return batch_size // 2, grad_accum * 2, False, " (halved to fit in memory)"
+
+    monkeypatch.setattr(loop, "memory_plan", tight)
+    summary = train(run)
+    assert plans == [(2, 2)] and summary.resumed_from_step == 9 and summary.steps == expected.steps
+    assert val_losses(run) == pytest.approx(val_losses(reference), rel=1e-4)
+    wa, wb = (load_file(r.adapter / "adapter_model.safetensors") for r in (run, reference))
+    for key in wa:  # bf16 autocast rounds other paddings differently: measured up to 5.5e-5 apart
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-2, atol=2e-4)
+    assert max(wa[k].abs().max().item() for k in wa if "lora_B" in k) > 1e-2  # B starts at 0: far above the tolerance
+
+
 def test_resume_with_changed_training_settings_exits_2_naming_the_keys(prepared, tmp_path, monkeypatch, capsys):
     from tunewise import pipeline
 

@@ -24,7 +24,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunewise.errors import TunewiseError
 from tunewise.evaluate.generate import generate_batch
-from tunewise.models import ChatFormat, compute_dtype, load_chat, load_model, resolve_base
+from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
+from tunewise.models.device import placement
 
 HOLD = "\ufffd"  # the decoder's placeholder for a character whose bytes have not all arrived
 
@@ -171,8 +172,8 @@ class Engine:
         self.chat = load_chat(path, model=base, trust_remote_code=trust_remote_code)
         self.front = {None: copy.deepcopy(self.chat)}  # request threads' own copies (see `render`)
         self.front_lock = threading.Lock()
-        model = load_model(path, dtype=compute_dtype(), trust_remote_code=trust_remote_code)
-        self.model = model.to("cuda") if torch.cuda.is_available() else model
+        place = placement()
+        self.model = load_model(path, dtype=place.dtype, trust_remote_code=trust_remote_code, place=place, spread=True)
         self.model.eval()
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.vocab_rows = self.model.get_input_embeddings().num_embeddings

@@ -27,8 +27,9 @@ from tunewise.evaluate.generate import generate
 from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
 from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
-from tunewise.models import Answer, ChatFormat, base_chat, compute_dtype, load_model, resolve_base
+from tunewise.models import Answer, ChatFormat, base_chat, load_model, resolve_base
 from tunewise.models.chat import split_reasoning
+from tunewise.models.device import placement
 from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
 GENERATION_VERSION = 3  # bump when generation changes outputs (2: adapters unmerged; 3: the family's stop tokens)
@@ -208,7 +209,8 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
 
     Built-in arms build their prompts from the test item (and shots); endpoint arms get the
     zero-shot prompt, as a user of that model would send it."""
-    chat = base_chat(config.model)
+    local = next((gen for gen in arms.values() if isinstance(gen, LocalGenerator)), None)
+    chat = local.chat if local is not None else base_chat(config.model)  # built (and checked) once per stage
     train = load_split(run.split("train"))
     test = test_items(run, config)
     kind = output_type(run)
@@ -273,8 +275,8 @@ def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerat
 
 def load_base_for_eval(config: Config) -> LocalGenerator:
     path = resolve_base(config.model.base)
-    model = load_model(path, dtype=compute_dtype())
-    model = model.to("cuda") if torch.cuda.is_available() else model
+    place = placement()
+    model = load_model(path, dtype=place.dtype, place=place, spread=True)
     return LocalGenerator(model, base_chat(config.model), model_fingerprint(path), config.eval.batch_size)
 
 
@@ -286,8 +288,8 @@ def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
 
     path = resolve_base(config.model.base)
     if not (run.adapter / "adapter_config.json").exists():  # method: full wrote a whole model
-        model = load_model(run.adapter, dtype=compute_dtype()).eval()
-        model = model.to("cuda") if torch.cuda.is_available() else model
+        place = placement()
+        model = load_model(run.adapter, dtype=place.dtype, place=place, spread=True).eval()
         return LocalGenerator(model, base_chat(config.model), model_fingerprint(run.adapter), config.eval.batch_size)
     base = load_base_for_eval(config)
     model = PeftModel.from_pretrained(base.model, run.adapter).eval()

@@ -175,16 +175,28 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False):
-    """Safetensors weights only (never a pickle); a repository's own code only when asked for."""
+def load_model(path: Path, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
+               place=None, spread: bool = False):
+    """Safetensors weights only (never a pickle); a repository's own code only when asked for.
+
+    `place` (a device.Placement): load straight onto its device, shard by shard (`device_map`;
+    `spread`: over every visible GPU), not through a full copy in host memory; an out-of-memory
+    error names what the weights need and what was free."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+    from tunewise.models.device import out_of_memory, weights_bytes
+
+    device_map = place.device_map(spread=spread) if place is not None else None
+    device = place.device if place is not None else torch.device("cpu")
+    with out_of_memory(f"loading {Path(path).name}", device=device, needed=weights_bytes(path),
+                       setting="model.base", fix="use a smaller model, method: qlora (4-bit) for training, or a "
+                                                 "GPU with more memory; other processes on the GPU hold memory too"):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, device_map=device_map,
+                                                    trust_remote_code=trust_remote_code)
 
 
 def compute_dtype() -> torch.dtype:
-    """bf16 where the hardware does bf16 matrix products natively (CPU: ~2.4x over fp32), else fp32."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    """The compute dtype `placement()` chooses for this machine (see models/device.py)."""
+    from tunewise.models.device import placement
+
+    return placement().dtype

@@ -30,10 +30,17 @@ from rich.console import Console
 from tunewise.config import PREFERENCE_METHODS, Config
 from tunewise.data import Example, load_split, with_system
 from tunewise.errors import TunewiseError
-from tunewise.models import ChatFormat, base_chat, compute_dtype, resolve_base
+from tunewise.models import ChatFormat, base_chat, resolve_base
 from tunewise.models.chat import IGNORE, Encoded
+from tunewise.models.device import out_of_memory, placement
 from tunewise.progress import progress_bar
-from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, replace_dir
+from tunewise.runs import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_json,
+    replace_dir,
+)
 from tunewise.train.batches import collate, length_grouped_batches
 from tunewise.train.checkpoint import (
     TrainerState,
@@ -51,7 +58,6 @@ from tunewise.train.methods import Trainable, build, learning_rate, peak_memory_
 from tunewise.train.preference import Pair, dpo_losses, encode_pair, orpo_losses
 
 NOT_IN_FINGERPRINT = ("save_every", "keep_checkpoints")  # how often state is saved, not what is learned
-PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -132,43 +138,63 @@ def check_method_fits_data(config: Config, examples: list[Example], where: Path 
 
 
 def memory_plan(trainable: Trainable, batch_size: int, grad_accum: int, seq_len: int, setting: str,
-                rows_per_example: int) -> tuple[int, int, bool, str]:
-    """Batch size, accumulation and gradient checkpointing that fit in memory, same global batch.
+                rows_per_example: int, answer_tokens: int) -> tuple[int, int, bool, str]:
+    """Micro-batch, accumulation and gradient checkpointing that fit in memory, same global batch
+    (`batch_size * grad_accum` examples per step; the micro-batch is halved, the accumulation
+    becomes however many micro-batches the global batch takes).
 
     Activations per token per layer are taken as 34*h + 5*heads*T bytes (Korthikanti et al. 2022,
     16-bit activations, no recomputation); with checkpointing only each layer's input (2*h bytes)
-    is kept plus one layer's full set. The budget is 70% of the memory available now.
+    is kept plus one layer's full set. The LM head runs on the supervised positions only, but its
+    float32 logits over the whole vocabulary (x3: logits, log-softmax, gradient) are what a 128k-
+    or 262k-vocabulary family runs out of memory on: `answer_tokens` per row are counted. The
+    budget is 70% of the memory available now: the GPU's free memory when training on a GPU.
     """
     import psutil
 
     cfg = trainable.causal_lm.config
+    cfg = getattr(cfg, "text_config", None) or cfg
     h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
+    vocab = trainable.causal_lm.get_output_embeddings().weight.shape[0]
+    device = next(trainable.causal_lm.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
     else:
         free = psutil.virtual_memory().available
     budget = 0.7 * free - (12 * trainable.n_params if not trainable.is_adapter else 0)  # grads + Adam moments
+    global_batch = batch_size * grad_accum
 
     def need(batch: int, checkpointing: bool) -> float:
         tokens = batch * rows_per_example * seq_len
         per_layer = (34 * h + 5 * heads * seq_len) * tokens
-        return (2 * h * tokens * layers + per_layer) if checkpointing else per_layer * layers
+        logits = 3 * 4 * vocab * batch * rows_per_example * answer_tokens
+        return logits + ((2 * h * tokens * layers + per_layer) if checkpointing else per_layer * layers)
 
     checkpointing = setting == "on"
     if setting == "auto" and need(batch_size, False) > budget:
         checkpointing = True
     note = ""
     while need(batch_size, checkpointing) > budget and batch_size > 1:
-        batch_size, grad_accum = batch_size // 2, grad_accum * 2
-        note = f" (halved to fit in memory: {need(batch_size, checkpointing) / 2**30:.1f} GiB of activations)"
+        batch_size = batch_size // 2
+        grad_accum = math.ceil(global_batch / batch_size)
+        note = f" (halved to fit in memory: {need(batch_size, checkpointing) / 2**30:.1f} GiB of activations and logits)"
     if need(batch_size, checkpointing) > budget:
+        where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "this machine"
         raise TunewiseError(
-            f"one example of {seq_len} tokens needs about {need(1, checkpointing) / 2**30:.1f} GiB of activations, "
-            f"more than the {max(budget, 0) / 2**30:.1f} GiB this machine has free",
+            f"one example of {seq_len} tokens needs about {need(1, checkpointing) / 2**30:.1f} GiB of activations "
+            f"and logits ({vocab:,}-token vocabulary), more than the {max(budget, 0) / 2**30:.1f} GiB {where} "
+            f"has free for them",
             field="train.max_seq_len",
             fix="lower train.max_seq_len (longer examples are dropped), or use method: qlora / a machine with more memory",
         )
     return batch_size, grad_accum, checkpointing, note
+
+
+def objective_answer_tokens(item) -> int:
+    """Supervised positions of one training row (a preference pair: its longer side)."""
+    if isinstance(item, Encoded):
+        return sum(1 for label in item.labels if label != IGNORE)
+    return max(objective_answer_tokens(item.chosen), objective_answer_tokens(item.rejected))
 
 
 def check_resumable(saved: TrainerState, fingerprint: dict, config_file: Path, checkpoint: Path) -> None:
@@ -352,19 +378,24 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
     lengths = [len(i) for i in train_items]
 
     # --- model: the method's trainable weights in fp32, the rest frozen in the compute dtype
-    dtype = compute_dtype() if hp.precision == "auto" else PRECISION[hp.precision]
-    tr = build(config, base_path, dtype)
+    place = placement(hp.precision, device=dist.device)
+    dtype = place.dtype
+    tr = build(config, base_path, dtype, place=place)
     fast = cpu_fast_path(tr, dtype, max_seq_len) if hp.fast_path else []
-    if torch.cuda.is_available() and method != "qlora":
-        tr.model.to(dist.device)
+    if place.device.type != "cpu" and method != "qlora":
+        tr.model.to(place.device)  # loaded there already; PEFT's new weights (prompt embeddings) follow
+    scaler = torch.amp.GradScaler(place.device.type, enabled=place.loss_scaling)  # fp16 on pre-Ampere GPUs
     preference = method in PREFERENCE_METHODS
     batch_size = hp.batch_size or derive_batch_size(lengths)
+    global_batch = batch_size * hp.grad_accum  # examples per optimizer step, whatever the memory plan does
+    answer_tokens = max(objective_answer_tokens(item) for item in train_items)
     batch_size, grad_accum, checkpointing, memory_note = dist.broadcast(memory_plan(  # one plan for all processes
-        tr, batch_size, hp.grad_accum, max_seq_len, hp.gradient_checkpointing, 2 if preference else 1))
+        tr, batch_size, hp.grad_accum, max_seq_len, hp.gradient_checkpointing, 2 if preference else 1,
+        answer_tokens))
     if checkpointing:
         tr.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     epochs = hp.epochs or derive_epochs(len(train_items))
-    steps_per_epoch = math.ceil(len(train_items) / (batch_size * grad_accum))
+    steps_per_epoch = math.ceil(len(train_items) / global_batch)
     total_steps = steps_per_epoch * epochs
     eval_every = max(1, steps_per_epoch // hp.evals_per_epoch)
     save_every = hp.save_every or eval_every
@@ -383,7 +414,9 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
         **flat("lora", config.lora), **flat("train", hp, skip=NOT_IN_FINGERPRINT),
         **(flat("prompt_tuning", config.prompt_tuning) if method == "prompt_tuning" else {}),
         **(flat("preference", config.preference) if preference else {}),
-        "batch_size (derived)": batch_size, "grad_accum (derived)": grad_accum, "epochs (derived)": epochs,
+        # the global batch, not the memory-derived micro-batch: a resume on a machine with other free
+        # memory takes the same examples per step (only how they are split into micro-batches differs)
+        "global batch (derived)": global_batch, "epochs (derived)": epochs,
         "max_seq_len (derived)": max_seq_len, "train_examples": len(train_items),
     }
     found = list_checkpoints(run.checkpoints)
@@ -424,7 +457,10 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
 
     def validate() -> dict:
         tr.model.eval()
-        measured = objective.validate(tr, val_batch, autocast)
+        with out_of_memory(f"validating (batches of {val_batch})", device=place.device, needed=None,
+                           setting="train.batch_size", fix="set train.batch_size lower (validation runs twice "
+                                                           "the training micro-batch), or train.max_seq_len lower"):
+            measured = objective.validate(tr, val_batch, autocast)
         tr.model.train()
         return measured
 
@@ -456,9 +492,10 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
         while state.step < total_steps and not patience_ran_out(state.log, state.best_step, hp.patience):
             epoch, position = divmod(state.step, steps_per_epoch)
             if epoch != order_epoch:
-                order_epoch, batches = epoch, length_grouped_batches(lengths, batch_size, hp.seed + epoch)
+                order_epoch, batches = epoch, length_grouped_batches(lengths, global_batch, hp.seed + epoch)
             step_started = time.perf_counter()
-            group = batches[position * grad_accum : (position + 1) * grad_accum]
+            step_rows = batches[position]  # sorted by length: micro-batches of like lengths
+            group = [step_rows[j : j + batch_size] for j in range(0, len(step_rows), batch_size)]
             units = sum(objective.units(train_items[i]) for idx in group for i in idx)  # the whole step, all processes
             state.tokens += sum(lengths[i] for idx in group for i in idx)
             local_loss = 0.0
@@ -466,24 +503,31 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
                 mine = dist.shard(idx)
                 if not mine:
                     continue
-                with autocast():
-                    loss = objective.loss(tr, mine)
-                (loss / max(units, 1)).backward()
+                with out_of_memory(f"in training step {state.step + 1} (micro-batch of {len(mine)})",
+                                   device=place.device, needed=None, setting="train.batch_size",
+                                   fix="set train.batch_size lower (train.grad_accum higher keeps the global batch), "
+                                       "train.gradient_checkpointing: on, or train.max_seq_len lower"):
+                    with autocast():
+                        loss = objective.loss(tr, mine)
+                    scaler.scale(loss / max(units, 1)).backward()
                 local_loss += float(loss.detach())
             (summed,) = dist.sum_grads(tr.params, extra=[local_loss])
             step_loss = summed / max(units, 1)
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.params, 1.0))
+            overflow = place.loss_scaling and not math.isfinite(grad_norm)  # fp16: the scaler skips the step
             for what, value in (("training loss", step_loss), ("gradient norm", grad_norm)):
-                if not math.isfinite(value):  # stop before this step touches the weights
-                    rows = [kept_rows[i] for idx in group for i in idx]
+                if not math.isfinite(value) and not (overflow and what == "gradient norm"):
+                    rows = [kept_rows[i] for idx in group for i in idx]  # stop before this step touches the weights
                     raise non_finite_error(what, value, state.step + 1, rows, lr, dtype, run, state)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step_seconds += time.perf_counter() - step_started
             state.step += 1
             state.epoch, position = divmod(state.step, steps_per_epoch)
-            state.next_batch, state.last_loss = position * grad_accum, step_loss
+            state.next_batch, state.last_loss = position, step_loss  # the epoch's global batch to take next
             row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "train_loss": step_loss,
                    "lr": scheduler.get_last_lr()[0], "tokens": state.tokens}
             if state.step % eval_every == 0 or state.step == total_steps:

@@ -99,20 +99,21 @@ def _quantized_base(base_path: Path, dtype: torch.dtype):
     return model
 
 
-def build(config: Config, base_path: Path, dtype: torch.dtype) -> Trainable:
-    """The model for `config.method`, with only the weights that method trains requiring grad."""
+def build(config: Config, base_path: Path, dtype: torch.dtype, place=None) -> Trainable:
+    """The model for `config.method`, with only the weights that method trains requiring grad;
+    loaded straight onto `place`'s device (a models.device.Placement) where it is not the CPU."""
     from peft import get_peft_model
 
     method, lora = config.method, config.lora
     if method == "full":
-        model = load_model(base_path, dtype=torch.float32)  # fp32 master weights; autocast computes in `dtype`
+        model = load_model(base_path, dtype=torch.float32, place=place)  # fp32 master weights; autocast computes in `dtype`
         model.config.use_cache = False
         params = list(model.parameters())
         for p in params:
             p.requires_grad_(True)
         return Trainable(model, model, params, None, "full fine-tuning (every weight, fp32 master copy)")
 
-    base = _quantized_base(base_path, dtype) if method == "qlora" else load_model(base_path, dtype=dtype)
+    base = _quantized_base(base_path, dtype) if method == "qlora" else load_model(base_path, dtype=dtype, place=place)
     base.config.use_cache = False
     if method == "prompt_tuning":
         from peft import PromptTuningConfig
