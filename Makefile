@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TW := $(VENV)/bin/tunewise
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model llamacpp browser demo test test-fast gpu-smoke bench-setup clean
+.PHONY: setup model llamacpp browser gotemplate demo test test-fast gpu-smoke bench-setup clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,13 +51,19 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  { echo "Chromium is missing and this is not root: sudo apt-get install chromium"; exit 1; }
 
+# Go's text/template executes the Ollama Modelfile TEMPLATE in the tests, as Ollama does (a Debian package).
+gotemplate:
+	@command -v go >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; } || \
+	  { echo "Go is missing and this is not root: sudo apt-get install golang-go"; exit 1; }
+
 demo: model
 	$(TW) demo
 
-test: model llamacpp browser
+test: model llamacpp browser gotemplate
 	$(PY) -m pytest -m "not gpu" -q
 
-test-fast: setup llamacpp
+test-fast: setup llamacpp gotemplate
 	$(PY) -m pytest -m "not integration and not gpu" -q
 
 # On a machine with a CUDA GPU: the gpu tier and the demo end to end on CUDA (minutes).

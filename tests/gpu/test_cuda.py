@@ -35,8 +35,19 @@ def test_sequence_logprobs_on_cuda_equal_the_cpu_ones(tiny_model_dir, tokenizer)
 
 
 def test_compute_dtype_on_cuda_is_what_the_gpu_really_has():
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     assert compute_dtype() == expected
+
+
+def test_models_load_straight_onto_the_gpu(tiny_model_dir):
+    from tunewise.models import load_model
+    from tunewise.models.device import placement
+
+    place = placement()
+    torch.cuda.reset_peak_memory_stats()
+    model = load_model(tiny_model_dir, dtype=place.dtype, place=place)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {place.dtype}
 
 
 @pytest.mark.parametrize("method", ["lora", "dpo"])

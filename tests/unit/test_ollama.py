@@ -3,6 +3,12 @@ write exactly what the Jinja template writes, system prompt placed the family's 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from tests.families import FAMILIES, family_tokenizer
@@ -52,3 +58,48 @@ def test_go_template_escapes_quotes_and_newlines():
                            "user>assistant": "\nA: ", "assistant>user": "\nU: "}, tail="\nA: ", fold_system=False)
     text = ollama.go_template(pieces)
     assert '{{ "say \\"hi\\"\\n" }}' in text and "\n\n" not in text.split("range")[1].split("{{ .Content }}")[0]
+
+
+# --- the TEMPLATE executed by Go's text/template, as Ollama executes it ----------------------------
+
+GO_PROGRAM = Path(__file__).parents[1] / "fixtures" / "gotemplate" / "main.go"
+
+
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """A function rendering [(template, messages)] with Go's text/template (the Go toolchain is the
+    Debian package golang-go: `make gotemplate`)."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed: make gotemplate")
+    folder = tmp_path_factory.mktemp("go")
+    binary = folder / "render"
+    env = {**os.environ, "GOCACHE": str(folder / "cache"), "GOPATH": str(folder / "gopath"), "GOFLAGS": "-mod=mod"}
+    subprocess.run([go, "build", "-o", str(binary), str(GO_PROGRAM)], check=True, env=env, capture_output=True)
+
+    def render(cases: list[tuple[str, list[dict]]]) -> list[str]:
+        payload = json.dumps([{"template": t, "messages": m} for t, m in cases])
+        done = subprocess.run([str(binary)], input=payload, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    return render
+
+
+def template_of(modelfile: str) -> str:
+    return modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+
+
+def test_go_executes_every_familys_template_into_the_trained_prompt(go_render, tokenizer):
+    cases, wanted = [], []
+    for name in FAMILIES:
+        for template in (True, False):
+            chat = ChatFormat.build(family_tokenizer(name, tokenizer, template=template), model=name)
+            for add_bos in (False, True):
+                text = template_of(ollama.modelfile(chat, "m.gguf", add_bos=add_bos, system=CHATS[1][0]["content"]))
+                bos = chat.tokenizer.bos_token or ""
+                for messages in CHATS:  # Ollama sends SYSTEM as the first message
+                    want = chat.prompt(messages)
+                    cases.append((text, messages))
+                    wanted.append(want[len(bos):] if add_bos and bos and want.startswith(bos) else want)
+    assert go_render(cases) == wanted

@@ -84,6 +84,8 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     done: Future = field(default_factory=Future)
     finish_reason: str | None = None
+    reasoning: tuple[str, str] | None = None  # the family's reasoning tags (chat completions split on them)
+    thinking: bool = False  # the prompt itself opens a reasoning block
     _sent: int = 0  # characters of the visible text already streamed
 
     def group(self) -> tuple:

@@ -7,7 +7,8 @@ settings and the family's system-prompt folding, exactly as training saw them) a
 text the template writes around each message: before the first message, between two messages
 (by the two roles), and after the last user turn (the generation prompt). The Go template writes
 those same pieces, and `render_like_ollama` (the same pieces in Python) must reproduce the Jinja
-rendering of chats it was not derived from before a Modelfile is written.
+rendering of chats it was not derived from before a Modelfile is written. The tests execute the
+TEMPLATE with Go's own text/template (tests/fixtures/gotemplate) for every family.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from tunewise.deploy.engine import Engine, Job
 from tunewise.errors import TunewiseError
+from tunewise.models.chat import split_reasoning
 
 BASE = "base"
 DEFAULT_MAX_TOKENS = 256
@@ -419,8 +420,11 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
                               f"requested {tokens + budget} tokens ({tokens} in the prompt, {budget} in the "
                               "completion). Please reduce the length of the prompt or completion.",
                               "context_length_exceeded", "messages" if isinstance(body, ChatRequest) else "prompt")
+        tags = engine.render(tokenizer_key, lambda chat: chat.reasoning) if isinstance(body, ChatRequest) else None
         return [engine.submit(Job(target.key, text, budget, body.stops(), body.sampling(), body.seed,
-                                  bool(body.stream), prompt_tokens=n)) for text, n in zip(texts, lengths)]
+                                  bool(body.stream), prompt_tokens=n, reasoning=tags,
+                                  thinking=bool(tags) and text.rstrip().endswith(tags[0])))
+                for text, n in zip(texts, lengths)]
 
     async def answer(body: Sampling, texts_of, kind: str):
         started = time.perf_counter()
@@ -435,7 +439,8 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
             raise Refused(503, err.message, "model_unloaded", "model") from None
         observe(target, jobs, started)
         usage = _usage(jobs)
-        choices = [_choice(kind, i, text, reason) for i, (text, reason) in enumerate(results)]
+        choices = [_choice(kind, i, text, reason, job.reasoning) for i, ((text, reason), job) in
+                   enumerate(zip(results, jobs))]
         return {"id": _completion_id("chatcmpl" if kind == "chat" else "cmpl"),
                 "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": target.model, "choices": choices, "usage": usage}
@@ -457,10 +462,13 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
         [job] = jobs  # one prompt per streamed request (n is 1; a prompt list cannot stream)
         if kind == "chat":
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        splitter = ReasoningStream(job.reasoning, thinking=job.thinking) if kind == "chat" and job.reasoning else None
         while (delta := job.events.get()) is not None:
-            piece = {"content": delta} if kind == "chat" else None
-            yield chunk([{"index": 0, "delta": piece, "finish_reason": None} if kind == "chat"
-                         else {"index": 0, "text": delta, "finish_reason": None, "logprobs": None}])
+            if kind != "chat":
+                yield chunk([{"index": 0, "text": delta, "finish_reason": None, "logprobs": None}])
+                continue
+            for piece in (splitter.feed(delta) if splitter else [{"content": delta}]):
+                yield chunk([{"index": 0, "delta": piece, "finish_reason": None}])
         try:
             _, reason = job.done.result()
         except Exception as err:  # noqa: BLE001 - the stream has started: report inside it
@@ -569,11 +577,50 @@ def _usage(jobs: list[Job]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _choice(kind: str, index: int, text: str, reason: str) -> dict:
+def _choice(kind: str, index: int, text: str, reason: str, tags: tuple[str, str] | None = None) -> dict:
+    """A chat answer of a reasoning family comes as `content` (what evaluation scores) and
+    `reasoning_content` (the block, as vLLM and DeepSeek's API return it)."""
     if kind == "chat":
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                "logprobs": None}
+        message = {"role": "assistant", "content": text}
+        if tags:
+            answer = split_reasoning(text, tags)
+            message = {"role": "assistant", "content": answer.text} | (
+                {"reasoning_content": answer.reasoning} if answer.reasoning else {})
+        return {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
     return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+
+
+class ReasoningStream:
+    """Streamed text of a reasoning family -> `reasoning_content` deltas while the block is open,
+    `content` deltas after it, as the final answer splits (`split_reasoning`). Text that could
+    still become the opening tag is held back until it is decided."""
+
+    def __init__(self, tags: tuple[str, str], *, thinking: bool = False):
+        self.opening, self.closing = tags
+        self.text, self.sent = "", {"reasoning_content": 0, "content": 0}
+        self.thinking = thinking  # the prompt opened the block: the output starts inside it
+
+    def _parts(self) -> dict[str, str]:
+        text, lead = self.text, self.text.lstrip()
+        if self.closing in text:
+            thought, answer = text.split(self.closing, 1)
+            return {"reasoning_content": thought.replace(self.opening, "", 1).strip(), "content": answer.lstrip()}
+        if self.thinking or lead.startswith(self.opening):
+            thought = lead[len(self.opening):] if lead.startswith(self.opening) else text
+            keep = next((k for k in range(len(self.closing) - 1, 0, -1) if thought.endswith(self.closing[:k])), 0)
+            return {"reasoning_content": thought[: len(thought) - keep].lstrip(), "content": ""}
+        if self.opening.startswith(lead):  # "", "<", "<thi": not decided yet
+            return {"reasoning_content": "", "content": ""}
+        return {"reasoning_content": "", "content": text}
+
+    def feed(self, delta: str) -> list[dict]:
+        self.text += delta
+        pieces = []
+        for field, text in self._parts().items():
+            if len(text) > self.sent[field]:
+                pieces.append({field: text[self.sent[field]:]})
+                self.sent[field] = len(text)
+        return pieces
 
 
 def serve(base: str, adapters: dict[str, Path], *, registry=None, host: str = "127.0.0.1", port: int = 8000,
