@@ -370,6 +370,9 @@ def export(
     gguf_adapter: Annotated[bool, typer.Option(
         "--gguf-adapter", help="Write the LoRA as a GGUF adapter with the base's GGUF (llama.cpp --lora, Ollama "
                                "ADAPTER).")] = False,
+    parity: Annotated[bool, typer.Option(
+        "--parity/--no-parity", help="Run each GGUF in llama.cpp against the merged model on the run's test "
+                                     "prompts (it holds both in memory).")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", help="Export folder [default: RUN/export].")] = None,
 ) -> None:
     """Export a run's fine-tune: merged transformers folder with a model card, GGUF files checked in llama.cpp."""
@@ -377,7 +380,7 @@ def export(
 
     if not (merge or gguf or gguf_adapter):
         raise TunewiseError("nothing to export", fix="add --merge, --gguf, --gguf-adapter or a mix")
-    export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, gguf_adapter=gguf_adapter,
+    export_run(run_dir, out, merge=merge, gguf=gguf, quant=quant, gguf_adapter=gguf_adapter, check_parity=parity,
                console=console)  # prints what it wrote
 
 

@@ -152,7 +152,8 @@ def test_model_card_says_what_was_shipped_and_why(exported, tiny_model_dir):
     for expected in (str(tiny_model_dir), "LoRA", "r=4", "ds-1234abcd", "**SHIP.**", "beats zero-shot prompting",
                      "`json_exact`", "| metric | zero_shot | finetuned |", "| json_exact | 0.200 [0.100, 0.300] |",
                      "## Intended use", "Reply with JSON.", "## Limits", RED_FLAG, "c0ffee",
-                     *(["tiny-task-q8_0.gguf", "Modelfile", "parity.json"] if "gguf" in exported else [])):
+                     *(["tiny-task-q8_0.gguf", "Modelfile", "parity.json", "`tiny-task-f32.gguf`: top-1 agreement 1.000",
+                        "greedy answers equal 3/3"] if "gguf" in exported else [])):
         assert expected in card, expected
     assert exported["card"] == exported["merged"] / "README.md"
 
@@ -301,3 +302,14 @@ def test_gguf_only_export_is_atomic_and_leaves_no_scratch(trained_run, tmp_path,
         export_run(trained_run.root, out, merge=True, gguf=True, quant="q4_k_m", console=QUIET)
     assert sorted(p.name for p in out.iterdir()) == names  # no merged/, no temp, nothing replaced
     assert written["gguf"].read_bytes() == before
+
+
+@needs_llamacpp
+def test_no_parity_skips_the_check_and_says_so(trained_run, tmp_path, monkeypatch, capsys):
+    from tests.helpers import run_cli
+
+    monkeypatch.setattr(llamacpp, "parity", lambda *a, **k: pytest.fail("checked under --no-parity"))
+    code, out = run_cli(monkeypatch, capsys, "export", str(trained_run.root), "--gguf", "--quant", "f32",
+                        "--no-parity", "--out", str(tmp_path))
+    assert code == 0 and "--no-parity" in out and (tmp_path / "tiny-task-f32.gguf").exists()
+    assert json.loads((tmp_path / "parity.json").read_text())["checked"] is False

@@ -128,7 +128,7 @@ def slug(name: str) -> str:
 
 def export_run(
     run_dir: str | Path, out: str | Path | None = None, *, merge: bool = True, gguf: bool = False,
-    quant: str = "q8_0", gguf_adapter: bool = False, console: Console,
+    quant: str = "q8_0", gguf_adapter: bool = False, check_parity: bool = True, console: Console,
 ) -> dict[str, Path]:
     """Export a trained run: the merged model folder, a GGUF file with its Ollama Modelfile, a GGUF
     LoRA adapter, each checked in llama.cpp, with a model card.
@@ -160,11 +160,12 @@ def export_run(
         ready: dict[str, Path] = {}  # final name -> file in scratch
         if gguf or gguf_adapter:
             ready, parity = _gguf_files(run, config, merged, base_path, adapter, scratch, quant, dtype,
-                                        whole=gguf, lora=gguf_adapter, console=console)
+                                        whole=gguf, lora=gguf_adapter, check_parity=check_parity, console=console)
             ready["parity.json"] = scratch / "parity.json"
             atomic_write_json(ready["parity.json"], parity)
         files = (["merged/"] if merge else []) + list(ready)
-        card = model_card(run, config, verdict, dtype=dtype, files=files)
+        card = model_card(run, config, verdict, dtype=dtype, files=files,
+                          parity=parity if (gguf or gguf_adapter) else None)
         for name, path in ready.items():
             os.replace(path, out / name)
             written[_kind(name, config)] = out / name
@@ -206,18 +207,25 @@ def parity_prompts(run: RunDir, config: Config, chat: ChatFormat, n: int = 4) ->
 
 
 def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adapter: Path, scratch: Path,
-                quant: str, dtype: torch.dtype, *, whole: bool, lora: bool, console: Console,
+                quant: str, dtype: torch.dtype, *, whole: bool, lora: bool, check_parity: bool, console: Console,
                 ) -> tuple[dict[str, Path], dict]:
     """Convert, check in llama.cpp, quantize; returns {final name: scratch file} and the parity record."""
     chat = load_chat(merged, model=config.model.base)
     prompts = parity_prompts(run, config, chat)
     lossless = llamacpp.LOSSLESS[str(dtype).removeprefix("torch.")]
-    reference = load_model(merged, dtype=torch.float32).eval()
     record: dict = {"prompts": len(prompts), "lossless_type": lossless, "checks": []}
+    if check_parity:
+        reference = _reference(merged, dtype)
+    else:
+        record = {"checked": False, "reason": "export --no-parity", "lossless_type": lossless, "checks": []}
+        console.print(Text.assemble(("warning ", "yellow"), "--no-parity: the GGUF files were not run in llama.cpp "
+                                    "against the merged model"))
     ready: dict[str, Path] = {}
     task = slug(config.task.name)
 
     def check(path: Path, *, exact: bool, lora_file: Path | None = None) -> None:
+        if not check_parity:
+            return
         console.print(f"checking {path.name} in llama.cpp against the merged model ({len(prompts)} test prompts)")
         result = llamacpp.parity(path, reference, chat, prompts, lora=lora_file)
         record["checks"].append({**result.record(), "lossless": exact, "lora": lora_file.name if lora_file else None})
@@ -261,6 +269,19 @@ def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adap
         _write_modelfile(ready, scratch / "adapter.Modelfile", chat, base_name, adapter=lora_name,
                          add_bos=llamacpp.gguf_adds_bos(base_gguf), system=config.task.system_prompt, console=console)
     return ready, record
+
+
+def _reference(merged: Path, dtype: torch.dtype):
+    """The merged model as parity's reference: float32 up to 3B parameters (exact logits), else in its
+    own dtype (a 70B model in fp32 would not fit next to llama.cpp); on the GPU where there is one."""
+    from tunewise.models.device import placement
+
+    config = read_json(merged / "config.json")
+    config = config.get("text_config") or config
+    params = 12 * config.get("num_hidden_layers", 0) * config.get("hidden_size", 0) ** 2
+    place = placement()
+    return load_model(merged, dtype=torch.float32 if params < 3e9 else dtype,
+                      place=place if place.device.type == "cuda" else None, spread=True).eval()
 
 
 def _write_modelfile(ready: dict[str, Path], path: Path, chat: ChatFormat, gguf_name: str, *, add_bos: bool,
@@ -363,7 +384,21 @@ def _limits(verdict: dict | None, config: Config, manifest: dict) -> list[str]:
     return lines + [""]
 
 
-def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torch.dtype, files: list[str]) -> str:
+def _parity_lines(parity: dict | None) -> list[str]:
+    if parity is None:
+        return []
+    if parity.get("checked") is False:
+        return ["- GGUF: not run in llama.cpp against the merged model (exported with --no-parity)"]
+    lines = [f"- GGUF run in llama.cpp against the merged model on {parity['prompts']} test prompts (parity.json):"]
+    for c in parity["checks"]:
+        lines.append(f"  - `{c['file']}`{' + `' + c['lora'] + '`' if c.get('lora') else ''}: top-1 agreement "
+                     f"{c['top1_agreement']:.3f}, greedy answers equal {c['greedy_equal']}/{c['prompts']}, same "
+                     f"token ids {c['tokens_equal']}/{c['prompts']}")
+    return lines
+
+
+def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torch.dtype, files: list[str],
+               parity: dict | None = None) -> str:
     """README.md for the export: base, method, data version, verdict, metrics, intended use, limits."""
     manifest = read_json(run.manifest) if run.manifest.exists() else {}
     adapter = read_json(run.adapter / "tunewise.json") if (run.adapter / "tunewise.json").exists() else {}
@@ -381,7 +416,7 @@ def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torc
         f"- Dataset version: `{dataset}` (train/val/test: {counts.get('train', '?')}/{counts.get('val', '?')}/"
         f"{counts.get('test', '?')} examples, {manifest.get('split_strategy', '?')} split)",
         f"- Run: `{run.root.name}`; config sha256 `{adapter.get('config_sha256', 'n/a')}`; seed {config.train.seed}",
-        f"- Files: {', '.join(f'`{f}`' for f in files)}", "",
+        f"- Files: {', '.join(f'`{f}`' for f in files)}", *_parity_lines(parity), "",
         *_verdict_section(verdict),
         "## Metrics", "", "Mean on the held-out test split, with 95% bootstrap interval.", "",
         metric_table(run, arms),

@@ -234,9 +234,10 @@ def _greedy_llama(llm, ids: list[int], steps: int, stops: set[int]) -> tuple[np.
 @torch.no_grad()
 def _greedy_hf(model, ids: list[int], steps: int, stops: set[int]) -> tuple[np.ndarray, list[int], list[float]]:
     """Logits at the prompt's positions, the greedy continuation, and its top-two gap at each step."""
-    inputs = torch.tensor([ids])
+    device = next(model.parameters()).device
+    inputs = torch.tensor([ids], device=device)
     result = model(input_ids=inputs, use_cache=True)
-    logits = result.logits[0].float().numpy()
+    logits = result.logits[0].float().cpu().numpy()
     past, last, out, gaps = result.past_key_values, result.logits[0, -1], [], []
     for _ in range(steps):
         token = int(torch.argmax(last))
@@ -245,7 +246,7 @@ def _greedy_hf(model, ids: list[int], steps: int, stops: set[int]) -> tuple[np.n
         out.append(token)
         if token in stops:
             break
-        step = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        step = model(input_ids=torch.tensor([[token]], device=device), past_key_values=past, use_cache=True)
         past, last = step.past_key_values, step.logits[0, -1]
     return logits, out, gaps
 
