@@ -52,16 +52,18 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 def run_prepare(n: int) -> dict:
     """In this process: write n rows, prepare them, return seconds and peak RSS."""
     from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
-    from tunewise.models import load_tokenizer, resolve_base
+    from tunewise.models import load_chat, resolve_base
 
-    tokenizer = load_tokenizer(resolve_base("smollm2-135m-instruct"))
+    # the model's ChatFormat counts tokens as training will see them (ChatFormat.count: the chat
+    # encoded with its masks), so its cost is inside the timed prepare
+    chat = load_chat(resolve_base("smollm2-135m-instruct"), model="smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n)))
         settings = DataSettings(semantic_threshold=None)
         started = time.perf_counter()
-        prepared = prepare([path], settings, tokenizer=tokenizer)
-        write_prepared(prepared, Path(tmp) / "out", settings, preview=preview_rows(tokenizer, prepared.splits["train"], ""))
+        prepared = prepare([path], settings, chat=chat)
+        write_prepared(prepared, Path(tmp) / "out", settings, preview=preview_rows(chat, prepared.splits["train"], ""))
         seconds = time.perf_counter() - started
     return {"n": n, "seconds": round(seconds, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "near_duplicates": prepared.counts.get("near_duplicates", 0), "train": prepared.counts["train"]}
