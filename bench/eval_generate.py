@@ -106,7 +106,7 @@ def main() -> None:
 
     from tunewise.evaluate.arms import build_prompts
     from tunewise.evaluate.generate import generate
-    from tunewise.models import compute_dtype, load_model, load_tokenizer, resolve_base
+    from tunewise.models import compute_dtype, load_chat, load_model, resolve_base
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,7 +115,8 @@ def main() -> None:
     config, test, train = load_demo(args.items)
     path = resolve_base(config.model.base)
     dtype = torch.float32 if args.fp32 else compute_dtype()
-    model, tokenizer = load_model(path, dtype=dtype), load_tokenizer(path)
+    model, chat = load_model(path, dtype=dtype), load_chat(path, model=config.model.base)
+    tokenizer = chat.tokenizer
     budget = args.max_new_tokens or derived_budget(config, tokenizer, train)
     batch_size = args.batch_size or config.eval.batch_size
     prompts = build_prompts("zero_shot", test, config.task.system_prompt, [[]] * len(test))
@@ -125,7 +126,7 @@ def main() -> None:
                   f"batch_size={batch_size}, {args.repeats} alternated repeats")
 
     methods = {
-        "tunewise generate()": lambda ps: generate(model, tokenizer, ps, max_new_tokens=budget, batch_size=batch_size,
+        "tunewise generate()": lambda ps: generate(model, chat, ps, max_new_tokens=budget, batch_size=batch_size,
                                                    console=quiet, label="bench"),
         "per-example loop": lambda ps: reference_generate(model, tokenizer, ps, max_new_tokens=budget),
     }

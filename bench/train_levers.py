@@ -44,7 +44,7 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
 
     from tunewise.config import load_config
     from tunewise.data import load_split
-    from tunewise.models import compute_dtype, load_tokenizer, resolve_base
+    from tunewise.models import compute_dtype, load_chat, resolve_base
     from tunewise.train import fast, methods
     from tunewise.train.batches import collate, length_grouped_batches
     from tunewise.train.loop import encode_items
@@ -54,8 +54,9 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
                  f"lora.dropout={0.0 if variant == 'no-dropout' else 0.05}"]
     config = load_config(run / "config.yaml", overrides)
     base = resolve_base(config.model.base)
-    tokenizer = load_tokenizer(base)
-    items = encode_items(config, tokenizer, load_split(run / "data" / "train.jsonl"))
+    chat = load_chat(base, model=config.model.base)
+    tokenizer = chat.tokenizer
+    items = encode_items(config, chat, load_split(run / "data" / "train.jsonl"))
     dtype = compute_dtype()
     torch.manual_seed(0)
     tr = methods.build(config, base, dtype)
