@@ -154,16 +154,16 @@ def newest_run(runs_root: Path) -> Path:
     return runs[-1]
 
 
-def encode(tokenizer, examples, system_prompt: str):
+def encode(chat, examples, system_prompt: str):
+    """Each example as tunewise trains it: the model's ChatFormat, labels on the answer only."""
     from tunewise.data import with_system
-    from tunewise.train.tokenize import encode_chat
 
-    return [encode_chat(tokenizer, with_system(e.messages, system_prompt)) for e in examples]
+    return [chat.encode(with_system(e.messages, system_prompt)) for e in examples]
 
 
 def supervised_positions(item) -> int:
     """Positions whose next token carries a label (where the LM head and loss are needed)."""
-    from tunewise.train.tokenize import IGNORE
+    from tunewise.models.chat import IGNORE
 
     return sum(1 for label in item.labels[1:] if label != IGNORE)
 
@@ -217,8 +217,8 @@ def validation_loss(base_path: Path, adapter: Path | None, items, pad_id: int, b
     from peft import PeftModel
 
     from tunewise.models import load_model
+    from tunewise.models.chat import IGNORE
     from tunewise.train.batches import collate
-    from tunewise.train.tokenize import IGNORE
 
     model = load_model(base_path, dtype=torch.float32)
     if adapter is not None:
@@ -451,7 +451,7 @@ def main() -> None:
 
     from tunewise.config import load_config
     from tunewise.data import load_split
-    from tunewise.models import load_tokenizer, resolve_base
+    from tunewise.models import base_chat, resolve_base
     from tunewise.runs import atomic_write_jsonl
     from tunewise.train.loop import derive_batch_size
 
@@ -460,14 +460,15 @@ def main() -> None:
     run_dir = args.run or newest_run(ROOT / "runs")
     config = load_config(run_dir / "config.yaml")
     base = resolve_base(config.model.base)
-    tokenizer = load_tokenizer(base)
+    chat = base_chat(config.model)  # the run's template and settings, as training resolves them
+    tokenizer = chat.tokenizer
     train_all, val_all = load_split(run_dir / "data" / "train.jsonl"), load_split(run_dir / "data" / "val.jsonl")
-    train_items_all = encode(tokenizer, train_all, config.task.system_prompt)
+    train_items_all = encode(chat, train_all, config.task.system_prompt)
     n, steps, batch = resolve_sizes(args, parser, derive_batch_size([len(i) for i in train_items_all]))
     if n > len(train_all):
         parser.error(f"--examples {n} is more than the train split's {len(train_all)}")
     train, val = train_all[:n], val_all[: args.val_examples]
-    train_items, val_items = train_items_all[:n], encode(tokenizer, val, config.task.system_prompt)
+    train_items, val_items = train_items_all[:n], encode(chat, val, config.task.system_prompt)
     tokens = sum(len(i) for i in train_items)
     epoch_tokens = sum(len(i) for i in train_items_all)
     supervised = sum(supervised_positions(i) for i in train_items)
