@@ -161,14 +161,14 @@ def export_run(
         if gguf or gguf_adapter:
             ready, parity = _gguf_files(run, config, merged, base_path, adapter, scratch, quant, dtype,
                                         whole=gguf, lora=gguf_adapter, check_parity=check_parity, console=console)
-            ready["parity.json"] = scratch / "parity.json"
-            atomic_write_json(ready["parity.json"], parity)
+            ready["parity.json"] = ("parity", scratch / "parity.json")
+            atomic_write_json(scratch / "parity.json", parity)
         files = (["merged/"] if merge else []) + list(ready)
         card = model_card(run, config, verdict, dtype=dtype, files=files,
                           parity=parity if (gguf or gguf_adapter) else None)
-        for name, path in ready.items():
+        for name, (kind, path) in ready.items():
             os.replace(path, out / name)
-            written[_kind(name, config)] = out / name
+            written[kind] = out / name
         if merge:
             atomic_write_text(merged / "README.md", card)
             atomic_write_json(merged / "tunewise.json", _provenance(run, config, dtype, files))
@@ -181,17 +181,6 @@ def export_run(
     for kind, path in written.items():
         console.print(Text.assemble(("export ", "bold"), f"{kind}: {path}"))
     return written
-
-
-_KINDS = {"Modelfile": "modelfile", "adapter.Modelfile": "adapter_modelfile", "parity.json": "parity"}
-
-
-def _kind(name: str, config: Config) -> str:
-    if name in _KINDS:
-        return _KINDS[name]
-    if name.startswith(f"{slug(config.task.name)}-lora-"):
-        return "adapter_gguf"
-    return "gguf" if name.startswith(f"{slug(config.task.name)}-") else "base_gguf"
 
 
 def parity_prompts(run: RunDir, config: Config, chat: ChatFormat, n: int = 4) -> list[str]:
@@ -208,8 +197,9 @@ def parity_prompts(run: RunDir, config: Config, chat: ChatFormat, n: int = 4) ->
 
 def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adapter: Path, scratch: Path,
                 quant: str, dtype: torch.dtype, *, whole: bool, lora: bool, check_parity: bool, console: Console,
-                ) -> tuple[dict[str, Path], dict]:
-    """Convert, check in llama.cpp, quantize; returns {final name: scratch file} and the parity record."""
+                ) -> tuple[dict[str, tuple[str, Path]], dict]:
+    """Convert, check in llama.cpp, quantize; returns {final name: (kind, scratch file)} and the
+    parity record."""
     chat = load_chat(merged, model=config.model.base)
     prompts = parity_prompts(run, config, chat)
     lossless = llamacpp.LOSSLESS[str(dtype).removeprefix("torch.")]
@@ -220,7 +210,7 @@ def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adap
         record = {"checked": False, "reason": "export --no-parity", "lossless_type": lossless, "checks": []}
         console.print(Text.assemble(("warning ", "yellow"), "--no-parity: the GGUF files were not run in llama.cpp "
                                     "against the merged model"))
-    ready: dict[str, Path] = {}
+    ready: dict[str, tuple[str, Path]] = {}
     task = slug(config.task.name)
 
     def check(path: Path, *, exact: bool, lora_file: Path | None = None) -> None:
@@ -256,18 +246,19 @@ def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adap
         if final is not source:
             check(final, exact=False)
             source.unlink()
-        ready[name] = final
-        _write_modelfile(ready, scratch / "Modelfile", chat, name, add_bos=llamacpp.gguf_adds_bos(final),
-                         system=config.task.system_prompt, console=console)
+        ready[name] = ("gguf", final)
+        _write_modelfile(ready, "modelfile", scratch / "Modelfile", chat, name,
+                         add_bos=llamacpp.gguf_adds_bos(final), system=config.task.system_prompt, console=console)
     if lora:
-        base_name = f"{slug(Path(config.model.base).name)}-{lossless}.gguf"
+        base_name = f"base-{slug(Path(config.model.base).name)}-{lossless}.gguf"
         base_gguf = llamacpp.convert(base_path, scratch / base_name, lossless, console=console)
         lora_name = f"{task}-lora-{lossless}.gguf"
         lora_gguf = llamacpp.convert_lora(adapter, base_path, scratch / lora_name, lossless, console=console)
         check(base_gguf, exact=True, lora_file=lora_gguf)
-        ready[base_name], ready[lora_name] = base_gguf, lora_gguf
-        _write_modelfile(ready, scratch / "adapter.Modelfile", chat, base_name, adapter=lora_name,
-                         add_bos=llamacpp.gguf_adds_bos(base_gguf), system=config.task.system_prompt, console=console)
+        ready[base_name], ready[lora_name] = ("base_gguf", base_gguf), ("adapter_gguf", lora_gguf)
+        _write_modelfile(ready, "adapter_modelfile", scratch / "adapter.Modelfile", chat, base_name,
+                         adapter=lora_name, add_bos=llamacpp.gguf_adds_bos(base_gguf),
+                         system=config.task.system_prompt, console=console)
     return ready, record
 
 
@@ -284,8 +275,8 @@ def _reference(merged: Path, dtype: torch.dtype):
                       place=place if place.device.type == "cuda" else None, spread=True).eval()
 
 
-def _write_modelfile(ready: dict[str, Path], path: Path, chat: ChatFormat, gguf_name: str, *, add_bos: bool,
-                     system: str | None, console: Console, adapter: str | None = None) -> None:
+def _write_modelfile(ready: dict[str, tuple[str, Path]], kind: str, path: Path, chat: ChatFormat, gguf_name: str, *,
+                     add_bos: bool, system: str | None, console: Console, adapter: str | None = None) -> None:
     """The Ollama Modelfile, or a warning saying why there is none (the GGUF is still right)."""
     try:
         text = ollama.modelfile(chat, gguf_name, add_bos=add_bos, system=system, adapter=adapter)
@@ -293,7 +284,7 @@ def _write_modelfile(ready: dict[str, Path], path: Path, chat: ChatFormat, gguf_
         console.print(Text.assemble(("warning ", "yellow"), f"no {path.name}: {err.message}"))
         return
     atomic_write_text(path, text)
-    ready[path.name] = path
+    ready[path.name] = (kind, path)
 
 
 def _warn_unless_shipped(verdict: dict | None, run: RunDir, console: Console) -> None:

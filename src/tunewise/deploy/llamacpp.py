@@ -269,8 +269,9 @@ def parity(gguf: Path, model, chat, prompts: list[str], *, steps: int = 16, lora
             tokens_equal += llama_ids == ids
             if llama_ids != ids and token_difference is None:
                 at = next((i for i, (a, b) in enumerate(zip(llama_ids, ids)) if a != b), min(len(ids), len(llama_ids)))
-                token_difference = {"position": at, "llama.cpp": chat.tokenizer.convert_ids_to_tokens(llama_ids[at:at + 4]),
-                                    "transformers": chat.tokenizer.convert_ids_to_tokens(ids[at:at + 4])}
+                names = chat.tokenizer.convert_ids_to_tokens
+                token_difference = {"position": at, "llama.cpp": names(llama_ids[at:at + 4]),
+                                    "transformers": names(ids[at:at + 4])}
             ours, ours_out = _greedy_llama(llm, ids, steps, stops)
             ref, ref_out, gaps = _greedy_hf(model, ids, steps, stops)
             diff = np.abs(ours - ref)
@@ -283,7 +284,8 @@ def parity(gguf: Path, model, chat, prompts: list[str], *, steps: int = 16, lora
                 near_ties += parted is not None and gaps[parted] < NEAR_TIE
             greedy_tokens += len(ref_out)
             if not example:
-                example = {"prompt_tail": prompt[-120:], "llama.cpp": chat.text(ours_out), "transformers": chat.text(ref_out)}
+                example = {"prompt_tail": prompt[-120:], "llama.cpp": chat.text(ours_out),
+                           "transformers": chat.text(ref_out)}
     finally:
         llm.close()
     return Parity(file=gguf.name, prompts=len(prompts), tokens_equal=tokens_equal, positions=positions,

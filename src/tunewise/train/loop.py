@@ -177,7 +177,8 @@ def memory_plan(trainable: Trainable, batch_size: int, grad_accum: int, seq_len:
     while need(batch_size, checkpointing) > budget and batch_size > 1:
         batch_size = batch_size // 2
         grad_accum = math.ceil(global_batch / batch_size)
-        note = f" (halved to fit in memory: {need(batch_size, checkpointing) / 2**30:.1f} GiB of activations and logits)"
+        note = (f" (halved to fit in memory: {need(batch_size, checkpointing) / 2**30:.1f} GiB of activations "
+                "and logits)")
     if need(batch_size, checkpointing) > budget:
         where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "this machine"
         raise TunewiseError(
