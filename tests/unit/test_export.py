@@ -158,6 +158,29 @@ def test_model_card_says_what_was_shipped_and_why(exported, tiny_model_dir):
     assert exported["card"] == exported["merged"] / "README.md"
 
 
+@pytest.mark.parametrize("method, lr, says", [
+    ("lora", 2e-4, "LoRA (r=4, alpha=8, dropout=0.0"),  # lr left at its default: training resolved 2e-4
+    ("dpo", 5e-6, "LoRA trained with DPO (r=4"),
+    ("full", 1e-5, "full fine-tuning (every weight)"),
+])
+def test_model_card_states_the_method_and_learning_rate_training_used(method, lr, says, trained_run):
+    from tunewise.config import load_config
+    from tunewise.runs import read_json
+
+    config = load_config(trained_run.config)  # no train.lr, no method: the defaults
+    saved = read_json(trained_run.adapter / "tunewise.json")
+    summary = {"method": method, "lr": lr, "epochs": 2, "steps": 10, "train_examples": 40, "best_val_loss": 0.5,
+               "best_step": 8}
+    atomic_write_json(trained_run.adapter / "tunewise.json", {**saved, "train": summary})
+    try:
+        card = export_mod.model_card(trained_run, config, None, dtype=torch.float32, files=[])
+    finally:
+        atomic_write_json(trained_run.adapter / "tunewise.json", saved)
+    assert says in card and f"learning rate {lr:g}" in card and "None" not in card
+    if method != "lora":
+        assert "LoRA supervised" not in card
+
+
 # --- GGUF (llama.cpp) ------------------------------------------------------------------------
 
 @needs_llamacpp

@@ -324,11 +324,24 @@ def metric_table(run: RunDir, arms: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _method(config: Config, summary: dict) -> str:
-    lora = config.lora
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
-    text = (f"LoRA supervised fine-tuning (r={lora.r}, alpha={lora.alpha or 2 * lora.r}, dropout={lora.dropout}, "
-            f"target modules: {targets}), lr {config.train.lr}")
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (4-bit NF4 base)", "dpo": "LoRA trained with DPO",
+                "orpo": "LoRA trained with ORPO"}
+
+
+def _method(adapter: Path, summary: dict) -> str:
+    """The method as training ran it: the method and learning rate training resolved (its summary in
+    the adapter's tunewise.json) and the LoRA shape PEFT saved (adapter_config.json), not the
+    config's unset defaults."""
+    method = summary.get("method", "lora")
+    if method == "full":
+        text = "full fine-tuning (every weight)"
+    else:
+        peft = read_json(adapter / "adapter_config.json") if (adapter / "adapter_config.json").exists() else {}
+        targets = peft.get("target_modules") or []
+        targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
+        text = (f"{METHOD_NAMES.get(method, method)} (r={peft.get('r')}, alpha={peft.get('lora_alpha')}, "
+                f"dropout={peft.get('lora_dropout')}, target modules: {targets})")
+    text += f", learning rate {summary['lr']:g}" if summary.get("lr") is not None else ""
     if summary:
         text += (f", {summary.get('epochs')} epoch(s), {summary.get('steps')} steps on {summary.get('train_examples')} "
                  f"examples; best validation loss {summary.get('best_val_loss', float('nan')):.4f} at step "
@@ -402,7 +415,7 @@ def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torc
         f"# {config.task.name}: {config.model.base} fine-tuned with tunewise", "",
         "## Model", "",
         f"- Base model: `{config.model.base}`",
-        f"- Method: {_method(config, adapter.get('train', {}))}; merged into the base weights in float32 "
+        f"- Method: {_method(run.adapter, adapter.get('train', {}))}; merged into the base weights in float32 "
         f"(PEFT `merge_and_unload`), saved in {str(dtype).removeprefix('torch.')}",
         f"- Dataset version: `{dataset}` (train/val/test: {counts.get('train', '?')}/{counts.get('val', '?')}/"
         f"{counts.get('test', '?')} examples, {manifest.get('split_strategy', '?')} split)",
