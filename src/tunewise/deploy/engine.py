@@ -10,7 +10,6 @@ end-of-turn stop), so a served adapter answers what the evaluate stage recorded 
 from __future__ import annotations
 
 import copy
-import json
 import queue
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from tunewise.artifacts import WeightsKind, weights_in
 from tunewise.errors import TunewiseError
 from tunewise.evaluate.generate import generate_batch
 from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
@@ -37,25 +37,24 @@ def check_adapter(name: str, path: Path) -> Path:
     if not path.is_dir():
         raise TunewiseError(f"adapter '{name}': {'not a folder' if path.exists() else 'no such folder'}",
                             file=path, fix=fix)
-    if not (path / "adapter_config.json").is_file():
-        whole = " (it holds a whole model: a full fine-tune; serve it as the base: tunewise serve --base FOLDER)" if (
-            path / "config.json").is_file() else ""
+    try:
+        weights = weights_in(path)
+    except TunewiseError as err:
+        raise TunewiseError(f"adapter '{name}': {err.message}", file=path / "adapter_config.json", fix=fix) from None
+    if not weights.is_adapter:
+        whole = (" (it holds a whole model: a full fine-tune; serve it as the base: tunewise serve --base FOLDER)"
+                 if weights.kind is WeightsKind.WHOLE_MODEL else "")
         raise TunewiseError(f"adapter '{name}': not a PEFT adapter folder (no adapter_config.json){whole}",
                             file=path, fix=fix)
-    if not (path / "adapter_model.safetensors").is_file():
+    if not weights.safetensors:
         pickled = " (adapter_model.bin is a pickle, which tunewise never loads)" if (
             path / "adapter_model.bin").exists() else ""
         raise TunewiseError(
             f"adapter '{name}': no adapter_model.safetensors{pickled}", file=path,
             fix="save the adapter as safetensors: model.save_pretrained(folder, safe_serialization=True)",
         )
-    try:
-        peft_type = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
-    except (ValueError, AttributeError) as err:
-        raise TunewiseError(f"adapter '{name}': adapter_config.json is not a JSON object ({err})",
-                            file=path / "adapter_config.json", fix=fix)
-    if peft_type != "LORA":
-        what = f"a {peft_type} adapter" if peft_type else "adapter_config.json names no peft_type"
+    if weights.kind is not WeightsKind.LORA:
+        what = f"a {weights.peft_type} adapter" if weights.peft_type else "adapter_config.json names no peft_type"
         raise TunewiseError(
             f"adapter '{name}': {what}; the server batches LoRA/DoRA adapters on one base and "
             f"cannot mix prompt-learning adapters with them", file=path / "adapter_config.json",

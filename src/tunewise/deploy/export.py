@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from tunewise.artifacts import Weights, WeightsKind, weights_in
 from tunewise.config import Config, load_config
 from tunewise.deploy import llamacpp, ollama
 from tunewise.errors import TunewiseError
@@ -42,26 +43,25 @@ from tunewise.runs import RunDir, atomic_write_json, atomic_write_text, open_run
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def trained_adapter(run: RunDir) -> Path:
+def trained_adapter(run: RunDir) -> Weights:
     """The run's trained weights: a LoRA/DoRA adapter folder, or the whole model (method: full);
     a TunewiseError if the run was not trained or its adapter cannot be merged (prompt tuning)."""
-    if (run.adapter / "config.json").exists() and (run.adapter / "model.safetensors").exists():
-        return run.adapter  # a full fine-tune: already a model folder
-    peft_type = read_json(run.adapter / "adapter_config.json").get("peft_type") if (
-        run.adapter / "adapter_config.json").exists() else None
-    if peft_type not in (None, "LORA"):
+    weights = weights_in(run.adapter)
+    if weights.kind is WeightsKind.WHOLE_MODEL and weights.safetensors:
+        return weights  # a full fine-tune: already a model folder
+    if weights.kind is WeightsKind.PROMPT_LEARNING:
         raise TunewiseError(
-            f"a {peft_type} adapter (method: prompt_tuning) adds trained vectors to every prompt; it has no "
+            f"a {weights.peft_type} adapter (method: prompt_tuning) adds trained vectors to every prompt; it has no "
             f"weights to merge into the model, so there is no merged model or GGUF to export",
-            file=run.adapter / "adapter_config.json",
+            file=weights.config_file,
             fix="serve it as an adapter with PEFT (PeftModel.from_pretrained(base, adapter)), or train with "
                 "method: lora to get a mergeable adapter",
         )
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (run.adapter / name).exists():
-            raise TunewiseError("the run has no trained adapter", file=run.adapter / name,
-                                fix=f"train it first: tunewise run --resume {run.root}")
-    return run.adapter
+    if not (weights.is_adapter and weights.safetensors):
+        missing = "adapter_config.json" if not weights.is_adapter else "adapter_model.safetensors"
+        raise TunewiseError("the run has no trained adapter", file=run.adapter / missing,
+                            fix=f"train it first: tunewise run --resume {run.root}")
+    return weights
 
 
 def base_dtype(base_path: Path) -> torch.dtype:
@@ -100,17 +100,18 @@ def tokenizer_dir(adapter: Path, base_path: Path) -> Path:
     return adapter if (adapter / "tokenizer_config.json").exists() else base_path
 
 
-def build_merged(base_path: Path, adapter: Path, target: Path, console: Console, *, model_name: str) -> torch.dtype:
+def build_merged(base_path: Path, weights: Weights, target: Path, console: Console, *, model_name: str) -> torch.dtype:
     """Base (float32) + LoRA adapter -> PEFT merge_and_unload -> `target` in the base's dtype.
 
     Returns the dtype the weights were saved in."""
     from peft import PeftModel
 
+    adapter = weights.folder
     dtype = base_dtype(base_path)
     chat = load_chat(base_path, model=model_name, tokenizer_folder=tokenizer_dir(adapter, base_path))
     with progress_bar(console) as progress:
         task = progress.add_task("merge", total=3, status=f"loading {base_path.name} in float32")
-        if not (adapter / "adapter_config.json").exists():  # method: full: the run's own model folder
+        if weights.kind is WeightsKind.WHOLE_MODEL:  # method: full: the run's own model folder
             model = load_model(adapter, dtype=torch.float32)
         else:
             base = load_model(base_path, dtype=torch.float32)
@@ -139,8 +140,9 @@ def export_run(
         raise TunewiseError("nothing to export", fix="ask for --merge, --gguf, --gguf-adapter or a mix")
     run = open_run_dir(run_dir)
     quant = llamacpp.check_quant(quant) if gguf or gguf_adapter else quant
-    adapter = trained_adapter(run)
-    if gguf_adapter and not (adapter / "adapter_config.json").exists():
+    weights = trained_adapter(run)
+    adapter = weights.folder
+    if gguf_adapter and weights.kind is not WeightsKind.LORA:
         raise TunewiseError("a full fine-tune has no adapter to export as a GGUF LoRA", file=adapter,
                             fix="export the whole model with --gguf")
     if gguf or gguf_adapter:  # missing tools fail before minutes of merging
@@ -156,7 +158,7 @@ def export_run(
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
         scratch = Path(scratch)
         merged = scratch / "merged"
-        dtype = build_merged(base_path, adapter, merged, console, model_name=config.model.base)
+        dtype = build_merged(base_path, weights, merged, console, model_name=config.model.base)
         ready: dict[str, Path] = {}  # final name -> file in scratch
         if gguf or gguf_adapter:
             ready, parity = _gguf_files(run, config, merged, base_path, adapter, scratch, quant, dtype,
@@ -336,7 +338,8 @@ def _method(adapter: Path, summary: dict) -> str:
     if method == "full":
         text = "full fine-tuning (every weight)"
     else:
-        peft = read_json(adapter / "adapter_config.json") if (adapter / "adapter_config.json").exists() else {}
+        weights = weights_in(adapter)
+        peft = read_json(weights.config_file) if weights.is_adapter else {}
         targets = peft.get("target_modules") or []
         targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
         text = (f"{METHOD_NAMES.get(method, method)} (r={peft.get('r')}, alpha={peft.get('lora_alpha')}, "

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from tunewise.artifacts import weights_in
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, read_json, sha256_file
 
@@ -49,7 +50,6 @@ RESERVED_NAMES = {"base"}  # the server answers to `base` for the base model its
 WEIGHTS = "adapter_model.safetensors"
 # What a copy keeps: weights in safetensors, configs, tokenizer files; never a pickle (.bin/.pt/.pkl/.ckpt).
 KEPT_SUFFIXES = {".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken", ".md"}
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -247,10 +247,11 @@ def _adapter_files(folder: Path) -> tuple[list[Path], list[str]]:
     fix = "train and evaluate it first (tunewise run -c tunewise.yaml), then add the run folder"
     if not folder.is_dir():
         raise TunewiseError("the run has no adapter folder", file=folder, fix=fix)
-    if not (folder / "adapter_config.json").is_file():
+    weights = weights_in(folder)
+    if not weights.is_adapter:
         raise TunewiseError("not a PEFT adapter folder (no adapter_config.json)", file=folder, fix=fix)
-    if not (folder / WEIGHTS).is_file():
-        pickled = [p.name for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+    if not weights.safetensors:
+        pickled = weights.pickled
         why = f" ({', '.join(pickled)}: pickle, which tunewise never loads)" if pickled else ""
         raise TunewiseError(
             f"no {WEIGHTS} in the adapter folder{why}", file=folder,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from tunewise.artifacts import WeightsKind, weights_in
 from tunewise.config import Config, EndpointConfig
 from tunewise.data import Example, load_split
 from tunewise.data.outputs import normalize_label, parse_json
@@ -287,7 +288,7 @@ def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
     from peft import PeftModel
 
     path = resolve_base(config.model.base)
-    if not (run.adapter / "adapter_config.json").exists():  # method: full wrote a whole model
+    if weights_in(run.adapter).kind is WeightsKind.WHOLE_MODEL:  # method: full wrote a whole model
         place = placement()
         model = load_model(run.adapter, dtype=place.dtype, place=place, spread=True).eval()
         return LocalGenerator(model, base_chat(config.model), model_fingerprint(run.adapter), config.eval.batch_size)
