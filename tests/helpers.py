@@ -57,3 +57,17 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
         main()
     out = capsys.readouterr()
     return exit_info.value.code or 0, out.out + out.err
+
+
+def write_verdict(path: Path, decision: str, *, reason: str = "test", primary: str = "json_exact",
+                  best: str = "few_shot", means: dict | None = None) -> None:
+    """A whole verdict.json through its type, as the verdict stage writes one (for test fakes)."""
+    from tunewise.artifacts import Decision, Verdict
+
+    means = means or {"finetuned": 0.5, best: 0.2}
+    diff = {"mean": means["finetuned"] - means[best], "low": 0.0, "high": 0.5}
+    test = {"name": "McNemar exact", "p_value": 0.01}
+    Verdict(decision=Decision(decision), reason=reason, primary_metric=primary, best_baseline=best,
+            baselines=[a for a in means if a != "finetuned"], means=means, difference=diff, test=test,
+            comparisons={a: {"difference": diff, "test": test} for a in means if a != "finetuned"}, margin=0.02,
+            alpha=0.05, n_items=10, red_flags=[]).write(path)

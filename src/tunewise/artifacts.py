@@ -61,3 +61,75 @@ def weights_in(folder: Path) -> Weights:
         safetensors = any(folder.glob("*.safetensors"))
         return Weights(folder, WeightsKind.WHOLE_MODEL, None, safetensors, pickled)
     return Weights(folder, WeightsKind.NONE, None, False, pickled)
+
+
+# --- the verdict ---------------------------------------------------------------------------------
+
+class Decision(str, Enum):
+    SHIP = "SHIP"
+    DO_NOT_SHIP = "DO NOT SHIP"
+
+
+@dataclass
+class Verdict:
+    """verdict.json: the fine-tune against the best baseline on the primary metric."""
+
+    decision: Decision
+    reason: str
+    primary_metric: str
+    best_baseline: str
+    baselines: list[str]
+    means: dict[str, float]  # arm -> mean of the primary metric
+    difference: dict  # fine-tune minus best baseline: {mean, low, high}
+    test: dict  # {name, p_value, ...}
+    comparisons: dict[str, dict]  # arm -> {difference, test}
+    margin: float
+    alpha: float
+    n_items: int
+    red_flags: list[dict]  # {name, message, blocking}
+    regression: dict | None = None  # general regression set: {base, finetuned} accuracy intervals
+    judge: dict | None = None  # the LLM judge's summary
+    provenance: dict | None = None
+
+    @property
+    def shipped(self) -> bool:
+        return self.decision is Decision.SHIP
+
+    def to_json(self) -> dict:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["decision"] = self.decision.value
+        return {k: v for k, v in data.items() if v is not None or k not in ("regression", "judge", "provenance")}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path | None = None) -> "Verdict":
+        """A verdict read back; a TunewiseError naming the file when it is not one tunewise wrote."""
+        fix = "re-run the verdict stage: tunewise run --resume RUN"
+        if not isinstance(data, dict):
+            raise TunewiseError("verdict.json is not a JSON object", file=where, fix=fix)
+        try:
+            decision = Decision(data.get("decision"))
+        except ValueError:
+            raise TunewiseError(f"unknown verdict decision {data.get('decision')!r}", file=where, field="decision",
+                                fix=fix) from None
+        names = [n for n in cls.__dataclass_fields__ if n != "decision"]
+        missing = [n for n, f in cls.__dataclass_fields__.items()
+                   if n != "decision" and f.default is not None and n not in data and n != "baselines"]
+        if missing:
+            raise TunewiseError(f"verdict.json lacks {', '.join(missing)}", file=where, fix=fix)
+        values = {n: data[n] for n in names if n in data}
+        values.setdefault("baselines", [a for a in data["means"] if a != "finetuned"])  # before baselines were named
+        return cls(decision=decision, **values)
+
+    @classmethod
+    def read(cls, path: Path) -> "Verdict":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise TunewiseError(f"verdict.json is not JSON ({err})", file=path,
+                                fix="re-run the verdict stage: tunewise run --resume RUN") from None
+        return cls.from_json(data, path)
+
+    def write(self, path: Path) -> None:
+        from tunewise.runs import atomic_write_json
+
+        atomic_write_json(path, self.to_json())

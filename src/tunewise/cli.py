@@ -35,36 +35,40 @@ def _example_dir() -> Path:
     return Path(str(resources.files("tunewise") / "examples" / DEMO))
 
 
-def print_verdict(verdict: dict, run_root: Path) -> None:
+def print_verdict(verdict, run_root: Path) -> None:
+    """The verdict (an artifacts.Verdict) as a table, the decision, the red flags."""
     from tunewise.runs import read_json
 
-    primary = verdict["primary_metric"]
-    table = Table(title=f"{primary} on {verdict['n_items']} test items")
+    if verdict is None:
+        console.print(f"no verdict yet: the run stopped before the verdict stage ({run_root})")
+        return
+    primary = verdict.primary_metric
+    table = Table(title=f"{primary} on {verdict.n_items} test items")
     for column, justify in (("arm", "left"), ("mean", "right"), ("95% CI", "right"),
                             ("fine-tune minus arm (paired 95% CI)", "right"), ("p", "right")):
         table.add_column(column, justify=justify)
-    for arm, mean in verdict["means"].items():
+    for arm, mean in verdict.means.items():
         ci = read_json(run_root / "metrics" / f"{arm}.json")["metrics"][primary]
-        style = "bold" if arm in ("finetuned", verdict["best_baseline"]) else ""
-        cmp = verdict.get("comparisons", {}).get(arm)
+        style = "bold" if arm in ("finetuned", verdict.best_baseline) else ""
+        cmp = verdict.comparisons.get(arm)
         diff = (f"{cmp['difference']['mean']:+.3f} [{cmp['difference']['low']:+.3f}, {cmp['difference']['high']:+.3f}]"
                 if cmp else "")
         p = f"{cmp['test']['p_value']:.3g}" if cmp else ""
-        name = arm if arm == "finetuned" or arm in verdict.get("baselines", [arm]) else f"{arm} (reference)"
+        name = arm if arm == "finetuned" or arm in verdict.baselines else f"{arm} (reference)"
         table.add_row(name, f"{mean:.3f}", f"[{ci['low']:.3f}, {ci['high']:.3f}]", diff, p, style=style)
     console.print(table)
-    if "regression" in verdict:
-        base, ft = verdict["regression"]["base"], verdict["regression"]["finetuned"]
+    if verdict.regression is not None:
+        base, ft = verdict.regression["base"], verdict.regression["finetuned"]
         console.print(f"general regression set: base {base['mean']:.3f}, fine-tune {ft['mean']:.3f}")
-    pairwise = verdict.get("judge", {}).get("pairwise")
+    pairwise = (verdict.judge or {}).get("pairwise")
     if pairwise and pairwise["win_rate_a"]["mean"] is not None:
         win = pairwise["win_rate_a"]
         console.print(f"judge: fine-tune vs {pairwise['arm_b']} win rate {win['mean']:.3f} "
                       f"[{win['low']:.3f}, {win['high']:.3f}] over {pairwise['consistent']} order-consistent items, "
                       f"position-inconsistent {pairwise['position_inconsistency_rate']:.1%}")
-    colour = "green" if verdict["decision"] == "SHIP" else "red"
-    console.print(Text(verdict["decision"], style=f"bold {colour}"), Text(verdict["reason"]))
-    for flag in verdict["red_flags"]:
+    colour = "green" if verdict.shipped else "red"
+    console.print(Text(verdict.decision.value, style=f"bold {colour}"), Text(verdict.reason))
+    for flag in verdict.red_flags:
         tag = "red flag (blocks SHIP)" if flag["blocking"] else "red flag"
         console.print(Text(f"{tag}: {flag['message']}", style="yellow"))
     console.print(f"report: {run_root / 'report.html'}")

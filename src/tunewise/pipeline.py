@@ -13,6 +13,7 @@ from typing import Callable
 from rich.console import Console
 from rich.text import Text
 
+from tunewise.artifacts import Verdict
 from tunewise.config import Config, dump_config, load_config
 from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
 from tunewise.decide import recommend
@@ -255,11 +256,11 @@ def stage_verdict(run: RunDir, config: Config, console: Console) -> None:
         seed=config.data.seed, red_flags=red_flags(run, config), baselines=counted_baselines(config),
     )
     if ev.forgetting:
-        verdict["regression"] = {who: read_json(run.regression_metrics(who))["accuracy"] for who in ("base", "finetuned")}
+        verdict.regression = {who: read_json(run.regression_metrics(who))["accuracy"] for who in ("base", "finetuned")}
     if (run.judge / "summary.json").exists():
-        verdict["judge"] = {k: v for k, v in read_json(run.judge / "summary.json").items() if k != "provenance"}
-    verdict["provenance"] = run.provenance(config.data.seed)
-    atomic_write_json(run.verdict, verdict)
+        verdict.judge = {k: v for k, v in read_json(run.judge / "summary.json").items() if k != "provenance"}
+    verdict.provenance = run.provenance(config.data.seed)
+    verdict.write(run.verdict)
 
 
 def stage_report(run: RunDir, config: Config, console: Console) -> None:
@@ -290,7 +291,7 @@ STAGES: dict[str, tuple[Stage, Callable[[RunDir, Config], bool]]] = {
 EVALUATION_STAGES = ["baseline", "evaluate", "judge", "verdict", "report"]
 
 
-def run_stages(run: RunDir, config: Config, console: Console, stages: list[str] | None = None) -> dict:
+def run_stages(run: RunDir, config: Config, console: Console, stages: list[str] | None = None) -> Verdict | None:
     """Run every stage not yet done (or exactly `stages`, done or not); returns the verdict."""
     timings = read_json(run.status).get("timings", {}) if run.status.exists() else {}
     run.set_status("running", timings=timings)
@@ -308,17 +309,17 @@ def run_stages(run: RunDir, config: Config, console: Console, stages: list[str] 
         run.set_status("running", timings=timings)
     complete = run.verdict.exists() and run.report.exists()
     run.set_status("complete" if complete else "partial", timings=timings)
-    return read_json(run.verdict) if run.verdict.exists() else {}
+    return Verdict.read(run.verdict) if run.verdict.exists() else None
 
 
-def run_pipeline(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, dict]:
+def run_pipeline(config_path: str | Path, overrides: list[str], runs_root: Path, console: Console) -> tuple[RunDir, Verdict | None]:
     started = time.perf_counter()
     run, config = start_run(config_path, overrides, runs_root, console)
     run.set_status("running", timings={"data": round(time.perf_counter() - started, 1)})
     return run, run_stages(run, config, console)
 
 
-def resume_pipeline(run_dir: str | Path, console: Console, only: str | None = None) -> tuple[RunDir, dict]:
+def resume_pipeline(run_dir: str | Path, console: Console, only: str | None = None) -> tuple[RunDir, Verdict | None]:
     run = open_run_dir(run_dir)
     config = load_config(run.config)
     if not run.manifest.exists():
@@ -339,7 +340,7 @@ def _require_done(run: RunDir, config: Config, names: list[str], what: str) -> N
         )
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str], console: Console) -> tuple[RunDir, dict]:
+def evaluate_run(run_dir: str | Path, overrides: list[str], console: Console) -> tuple[RunDir, Verdict | None]:
     """`tunewise eval RUN`: every arm, metric, judge, red flag, verdict and report again for a
     trained run, with `--set eval.*` changes (new endpoints, a judge, another metric). Outputs
     whose model, prompt and settings are unchanged come from the generation cache."""

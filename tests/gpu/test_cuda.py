@@ -62,4 +62,4 @@ def test_the_pipeline_runs_on_cuda_and_loss_falls(make_project, tmp_path, method
     run, verdict = run_pipeline(config, [], tmp_path / "runs", Console(quiet=True))
     summary = read_json(run.train_summary)
     assert summary["best_val_loss"] < summary["first_val_loss"]
-    assert verdict["decision"] in ("SHIP", "DO NOT SHIP")
+    assert verdict.decision in ("SHIP", "DO NOT SHIP")

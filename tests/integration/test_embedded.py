@@ -28,8 +28,8 @@ def test_imported_safetensors_equal_the_gguf_model(embedded_path):
 
 def test_demo_config_end_to_end_on_a_sample(demo_run):
     run, verdict = demo_run
-    assert verdict["decision"] in ("SHIP", "DO NOT SHIP")
-    assert verdict["primary_metric"] == "json_exact" and verdict["n_items"] == 16
+    assert verdict.decision in ("SHIP", "DO NOT SHIP")
+    assert verdict.primary_metric == "json_exact" and verdict.n_items == 16
     summary = read_json(run.train_summary)
     assert summary["best_val_loss"] < summary["first_val_loss"]
     assert run.report.exists() and read_json(run.status)["state"] == "complete"

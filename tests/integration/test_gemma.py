@@ -33,7 +33,7 @@ def gemma_run(tmp_path_factory):
 
 def test_gemma_base_runs_end_to_end_with_the_recorded_default_template(gemma_run):
     run, verdict = gemma_run
-    assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and verdict["n_items"] == 12
+    assert verdict.decision in ("SHIP", "DO NOT SHIP") and verdict.n_items == 12
     assert read_json(run.status)["state"] == "complete" and run.report.exists()
     summary = read_json(run.train_summary)
     assert summary["best_val_loss"] < summary["first_val_loss"]
@@ -47,7 +47,7 @@ def test_gemma_base_runs_end_to_end_with_the_recorded_default_template(gemma_run
 
 def test_no_template_token_leaks_into_an_output(gemma_run):
     run, verdict = gemma_run
-    for arm in verdict["means"]:
+    for arm in verdict.means:
         for row in read_jsonl(run.predictions(arm)):
             assert not any(t in row["output"] for t in TEMPLATE_TOKENS), (arm, row["output"])
             assert not row["output"].startswith("model\n")

@@ -64,7 +64,7 @@ def test_export_merged_and_gguf_match_the_adapter(demo_run, exported):
             top2 = ours.topk(2).values
             assert ours.argmax() == theirs.argmax() or top2[0] - top2[1] < 0.5
     card = exported["card"].read_text()
-    assert verdict["decision"] in card and "smollm2-135m-instruct" in card
+    assert verdict.decision.value in card and "smollm2-135m-instruct" in card
     stops = json.loads((exported["merged"] / "generation_config.json").read_text())["eos_token_id"]
     tokenizer = load_tokenizer(exported["merged"])
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (stops if isinstance(stops, list) else [stops])
@@ -83,8 +83,8 @@ def test_served_adapter_answers_what_was_evaluated_and_follows_the_registry(demo
     registry = Registry(tmp_path / "registry")
     registry.add("sections", run.root)
     retrained = make_adapter(base, load_tokenizer(base), tmp_path / "v2", seed=4)  # stands in for a retrain
-    registry.add("sections", fake_run(tmp_path / "run2", retrained, verdict["decision"]))
-    force = verdict["decision"] != "SHIP"
+    registry.add("sections", fake_run(tmp_path / "run2", retrained, verdict.decision.value))
+    force = verdict.decision != "SHIP"
     registry.promote("sections", 1, force=force)
     app = create_app(config.model.base, {"other": other}, registry=registry, api_key=KEY)
     with running(app) as url:

@@ -47,3 +47,25 @@ def test_an_adapter_config_that_is_not_json_is_named(tmp_path):
     with pytest.raises(TunewiseError) as err:
         weights_in(tmp_path)
     assert "adapter_config.json is not a JSON object" in str(err.value) and err.value.file == str(tmp_path / "adapter_config.json")
+
+
+def test_verdict_round_trips_and_older_or_foreign_files_are_read_or_refused(tmp_path):
+    import json
+
+    from tests.helpers import write_verdict
+    from tunewise.artifacts import Decision, Verdict
+
+    path = tmp_path / "verdict.json"
+    write_verdict(path, "DO NOT SHIP", means={"finetuned": 0.4, "few_shot": 0.6})
+    verdict = Verdict.read(path)
+    assert verdict.decision is Decision.DO_NOT_SHIP and not verdict.shipped and verdict.baselines == ["few_shot"]
+    assert Verdict.from_json(verdict.to_json()) == verdict
+    assert json.loads(path.read_text()) == verdict.to_json() and "regression" not in verdict.to_json()
+    older = {k: v for k, v in verdict.to_json().items() if k != "baselines"}  # before baselines were recorded
+    assert Verdict.from_json(older).baselines == ["few_shot"]
+    for broken, message in [({**older, "decision": "MAYBE"}, "unknown verdict decision 'MAYBE'"),
+                            ({"decision": "SHIP", "reason": "x"}, "verdict.json lacks primary_metric")]:
+        path.write_text(json.dumps(broken))
+        with pytest.raises(TunewiseError) as err:
+            Verdict.read(path)
+        assert message in str(err.value) and str(path) in str(err.value)

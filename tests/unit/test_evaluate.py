@@ -2,18 +2,31 @@ import numpy as np
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
+from tunewise.artifacts import Decision
 from tunewise.data.outputs import detect_output_type, parse_json
-from tunewise.evaluate.metrics import infer_schema, macro_f1, score_items, score_json, score_label, score_text
-from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic, mcnemar_exact, paired_bootstrap
+from tunewise.evaluate.metrics import (
+    infer_schema,
+    macro_f1,
+    score_items,
+    score_json,
+    score_label,
+    score_text,
+)
+from tunewise.evaluate.stats import (
+    bootstrap_ci,
+    bootstrap_statistic,
+    mcnemar_exact,
+    paired_bootstrap,
+)
 from tunewise.evaluate.verdict import (
-    NO_SHIP,
-    SHIP,
     decide_verdict,
     forgetting_flag,
     length_drift_flag,
     overfitting_flag,
     refusal_flag,
 )
+
+SHIP, NO_SHIP = Decision.SHIP, Decision.DO_NOT_SHIP
 
 
 def test_json_scores():
@@ -70,17 +83,17 @@ def test_verdict_ships_only_a_significant_gain_over_the_margin():
     better = _scores([1] * 40 + [1] * 40 + [0] * 20)
     kw = dict(primary="json_exact", margin=0.02, alpha=0.05, samples=500, seed=0, red_flags=[])
     shipped = decide_verdict({"zero_shot": _scores([0] * 100), "few_shot": base, "finetuned": better}, **kw)
-    assert shipped["decision"] == SHIP and shipped["best_baseline"] == "few_shot"
-    assert shipped["test"]["name"] == "McNemar exact" and shipped["test"]["p_value"] < 0.001
+    assert shipped.decision == SHIP and shipped.best_baseline == "few_shot"
+    assert shipped.test["name"] == "McNemar exact" and shipped.test["p_value"] < 0.001
     same = decide_verdict({"few_shot": base, "finetuned": base}, **kw)
-    assert same["decision"] == NO_SHIP and "does not beat few-shot prompting" in same["reason"]
+    assert same.decision == NO_SHIP and "does not beat few-shot prompting" in same.reason
     slight = decide_verdict({"few_shot": base, "finetuned": _scores([1] * 41 + [0] * 59)}, **kw)
-    assert slight["decision"] == NO_SHIP and "not significant" in slight["reason"]
+    assert slight.decision == NO_SHIP and "not significant" in slight.reason
     big_margin = decide_verdict({"few_shot": base, "finetuned": better}, **{**kw, "margin": 0.5})
-    assert big_margin["decision"] == NO_SHIP and "below the required margin" in big_margin["reason"]
+    assert big_margin.decision == NO_SHIP and "below the required margin" in big_margin.reason
     # every arm gets its own paired comparison; the best one decides
-    assert set(shipped["comparisons"]) == {"zero_shot", "few_shot"}
-    assert shipped["comparisons"]["zero_shot"]["difference"]["mean"] == pytest.approx(0.8)
+    assert set(shipped.comparisons) == {"zero_shot", "few_shot"}
+    assert shipped.comparisons["zero_shot"]["difference"]["mean"] == pytest.approx(0.8)
 
 
 def test_blocking_red_flag_turns_ship_into_no_ship_and_others_only_show():
@@ -89,9 +102,9 @@ def test_blocking_red_flag_turns_ship_into_no_ship_and_others_only_show():
     kw = dict(primary="json_exact", margin=0.02, alpha=0.05, samples=500, seed=0)
     flag = {"name": "forgetting", "message": "forgetting: ...", "blocking": True}
     blocked = decide_verdict({"few_shot": base, "finetuned": better}, red_flags=[flag], **kw)
-    assert blocked["decision"] == NO_SHIP and "blocked by red flags: forgetting" in blocked["reason"]
+    assert blocked.decision == NO_SHIP and "blocked by red flags: forgetting" in blocked.reason
     shown = decide_verdict({"few_shot": base, "finetuned": better}, red_flags=[{**flag, "blocking": False}], **kw)
-    assert shown["decision"] == SHIP and shown["red_flags"][0]["blocking"] is False
+    assert shown.decision == SHIP and shown.red_flags[0]["blocking"] is False
 
 
 def test_reference_arms_are_compared_but_not_counted_as_baselines():
@@ -100,10 +113,10 @@ def test_reference_arms_are_compared_but_not_counted_as_baselines():
     kw = dict(primary="json_exact", margin=0.02, alpha=0.05, samples=500, seed=0, red_flags=[])
     scores = {"few_shot": _scores([1] * 40 + [0] * 60), "gpt": strong, "finetuned": better}
     counted = decide_verdict(scores, **kw)
-    assert counted["best_baseline"] == "gpt" and counted["decision"] == NO_SHIP
+    assert counted.best_baseline == "gpt" and counted.decision == NO_SHIP
     reference = decide_verdict(scores, baselines=["few_shot"], **kw)
-    assert reference["best_baseline"] == "few_shot" and reference["decision"] == SHIP
-    assert reference["comparisons"]["gpt"]["difference"]["mean"] == pytest.approx(-0.15)
+    assert reference.best_baseline == "few_shot" and reference.decision == SHIP
+    assert reference.comparisons["gpt"]["difference"]["mean"] == pytest.approx(-0.15)
 
 
 def test_length_refusal_and_forgetting_flags():

@@ -288,7 +288,7 @@ def test_tunewise_run_end_to_end_with_the_method(method, make_project, tmp_path)
     rows = preference_rows(60) if method == "dpo" else None
     config = make_project(rows, extra=f"method: {method}\n{SFT[method]}eval: {{forgetting: false, max_new_tokens: 8}}\n")
     run, verdict = run_pipeline(config, [], tmp_path / "runs", QUIET)
-    assert verdict["decision"] in ("SHIP", "DO NOT SHIP")
+    assert verdict.decision in ("SHIP", "DO NOT SHIP")
     assert run.report.exists() and read_json(run.train_summary)["method"] == method
     predictions = [json.loads(line) for line in run.predictions(FINETUNED).read_text().splitlines()]
     assert predictions and all(isinstance(p["output"], str) for p in predictions)

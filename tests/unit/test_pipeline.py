@@ -7,6 +7,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from tunewise.artifacts import Verdict
 from tunewise.pipeline import resume_pipeline, run_pipeline
 from tunewise.runs import read_json
 
@@ -37,8 +38,8 @@ def test_run_writes_every_stage_artifact(finished_run):
         rows = [json.loads(line) for line in run.predictions(arm).read_text().splitlines()]
         assert len(rows) == 8 and all("output" in r and "scores" in r for r in rows)
         assert read_json(run.metrics(arm))["primary"] == "json_exact"
-    assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and verdict["n_items"] == 8
-    assert set(verdict["means"]) == {"zero_shot", "few_shot", "retrieved_few_shot", "finetuned"}
+    assert verdict.decision in ("SHIP", "DO NOT SHIP") and verdict.n_items == 8
+    assert set(verdict.means) == {"zero_shot", "few_shot", "retrieved_few_shot", "finetuned"}
     retrieved = [json.loads(line) for line in run.predictions("retrieved_few_shot").read_text().splitlines()]
     train_sources = {json.loads(line)["source"] for line in run.split("train").read_text().splitlines()}
     assert all(len(r["shots"]) == 3 and set(r["shots"]) <= train_sources for r in retrieved)
@@ -48,7 +49,7 @@ def test_run_writes_every_stage_artifact(finished_run):
     # 64 training examples, fewer than 200: the decide stage warns
     assert any("fewer than 200" in w for w in read_json(run.decision)["warnings"])
     html = run.report.read_text()
-    assert verdict["decision"] in html and "data:image/png;base64," in html and "few_shot" in html
+    assert verdict.decision.value in html and "data:image/png;base64," in html and "few_shot" in html
     provenance = json.loads((run.adapter / "tunewise.json").read_text())
     assert provenance["dataset_version"] == read_json(run.manifest)["version"]
 
@@ -113,7 +114,7 @@ def test_interrupted_run_is_marked_and_resumes(tmp_path, make_project, monkeypat
     assert not run.verdict.exists() and run.metrics("few_shot").exists()
     monkeypatch.setitem(pipeline.STAGES, "train", real)
     _, verdict = resume_pipeline(run.root, Console(quiet=True))
-    assert verdict["decision"] in ("SHIP", "DO NOT SHIP") and read_json(run.status)["state"] == "complete"
+    assert verdict.decision in ("SHIP", "DO NOT SHIP") and read_json(run.status)["state"] == "complete"
 
 
 def _fake_api(body: dict) -> str:
@@ -159,8 +160,8 @@ def test_eval_adds_an_endpoint_arm_and_a_judge_and_reuses_cached_outputs(finishe
     assert [r["output"] for r in api] == ['{"section": "net"}'] * 8
     assert read_json(run.metrics("api"))["metrics"]["json_valid"]["mean"] == 1.0
     # a reference arm: compared, not a baseline to beat
-    assert "api" in again["comparisons"] and "api" not in again["baselines"]
-    assert again["means"]["finetuned"] == verdict["means"]["finetuned"]  # same outputs, from the cache
+    assert "api" in again.comparisons and "api" not in again.baselines
+    assert again.means["finetuned"] == verdict.means["finetuned"]  # same outputs, from the cache
     summary = read_json(run.judge / "summary.json")
     assert set(summary["pointwise"]) >= {"zero_shot", "few_shot", "retrieved_few_shot", "api", "finetuned"}
     assert summary["pairwise"]["arm_a"] == "finetuned" and summary["pairwise"]["n"] == 5
@@ -187,12 +188,12 @@ def test_report_filter_works_in_a_real_browser(finished_run, tmp_path):
     import subprocess
 
     run, _, _ = finished_run
-    verdict = read_json(run.verdict)  # the current one: an earlier test may have added an arm with `tunewise eval`
+    verdict = Verdict.read(run.verdict)  # the current one: an earlier test may have added an arm with `tunewise eval`
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     assert chromium, "no Chromium: `make browser` installs it"
-    arms = list(verdict["means"])
+    arms = list(verdict.means)
     rows = {arm: [json.loads(line) for line in run.predictions(arm).read_text().splitlines()] for arm in arms}
-    primary = verdict["primary_metric"]
+    primary = verdict.primary_metric
     expected = {
         "all": len(rows["finetuned"]),
         "disagree_score": sum(len({rows[a][i]["scores"][primary] >= 1 for a in arms}) > 1

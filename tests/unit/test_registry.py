@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import write_verdict
 from tunewise.deploy.registry import NO_SHIP, SHIP, Registry, Route, check_name, pick
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir
@@ -52,14 +53,10 @@ def make_run(folder: Path, *, seed: int = 0, decision: str | None = SHIP, datase
         run.data.mkdir()
         (run.manifest).write_text(json.dumps({"version": manifest_version, "counts": {"train": 10}}))
     if decision is not None:
-        run.verdict.write_text(json.dumps({
-            "decision": decision,
-            "reason": "few-shot prompting reaches 0.600 on exact_match; the fine-tune reaches 0.550"
-            if decision == NO_SHIP else "significant and at least the margin of 0.02.",
-            "primary_metric": "exact_match",
-            "best_baseline": "few_shot",
-            "means": {"finetuned": 0.8 if decision == SHIP else 0.55, "few_shot": 0.6, "zero_shot": 0.3},
-        }))
+        write_verdict(run.verdict, decision, primary="exact_match", best="few_shot",
+                      reason="few-shot prompting reaches 0.600 on exact_match; the fine-tune reaches 0.550"
+                      if decision == NO_SHIP else "significant and at least the margin of 0.02.",
+                      means={"finetuned": 0.8 if decision == SHIP else 0.55, "few_shot": 0.6, "zero_shot": 0.3})
     return folder
 
 

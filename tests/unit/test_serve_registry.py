@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_verdict
 from tests.unit.test_server import KEY, MAX_TOKENS, PROMPTS, client, make_adapter, request, running
 from tunewise.deploy import create_app
 from tunewise.deploy.registry import Registry
@@ -21,9 +22,7 @@ def fake_run(root: Path, adapter: Path, decision: str) -> Path:
 
     root.mkdir(parents=True)
     shutil.copytree(adapter, root / "adapter")
-    verdict = {"decision": decision, "reason": "test", "primary_metric": "json_exact", "best_baseline": "few_shot",
-               "means": {"finetuned": 0.5, "few_shot": 0.2}}
-    (root / "verdict.json").write_text(json.dumps(verdict))
+    write_verdict(root / "verdict.json", decision)
     return root
 
 

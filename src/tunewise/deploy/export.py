@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from tunewise.artifacts import Weights, WeightsKind, weights_in
+from tunewise.artifacts import Verdict, Weights, WeightsKind, weights_in
 from tunewise.config import Config, load_config
 from tunewise.deploy import llamacpp, ollama
 from tunewise.errors import TunewiseError
@@ -150,7 +150,7 @@ def export_run(
         llamacpp.library()
     config = load_config(run.config)
     base_path = resolve_base(config.model.base)
-    verdict = read_json(run.verdict) if run.verdict.exists() else None
+    verdict = Verdict.read(run.verdict) if run.verdict.exists() else None
     _warn_unless_shipped(verdict, run, console)
     out = Path(out) if out is not None else run.root / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -289,13 +289,13 @@ def _write_modelfile(ready: dict[str, tuple[str, Path]], kind: str, path: Path, 
     ready[path.name] = (kind, path)
 
 
-def _warn_unless_shipped(verdict: dict | None, run: RunDir, console: Console) -> None:
+def _warn_unless_shipped(verdict: Verdict | None, run: RunDir, console: Console) -> None:
     if verdict is None:
         console.print(Text.assemble(("warning ", "yellow"), f"no verdict yet ({run.verdict} is missing): "
                                     "the export is not evidence that the fine-tune beats the baselines"))
-    elif verdict.get("decision") != "SHIP":
-        console.print(Text.assemble(("warning ", "yellow"), f"the verdict is {verdict.get('decision')}: "
-                                    f"{verdict.get('reason', '')}"))
+    elif not verdict.shipped:
+        console.print(Text.assemble(("warning ", "yellow"), f"the verdict is {verdict.decision.value}: "
+                                    f"{verdict.reason}"))
 
 
 def _provenance(run: RunDir, config: Config, dtype: torch.dtype, files: list[str]) -> dict:
@@ -352,21 +352,21 @@ def _method(adapter: Path, summary: dict) -> str:
     return text
 
 
-def _verdict_section(verdict: dict | None) -> list[str]:
+def _verdict_section(verdict: Verdict | None) -> list[str]:
     if verdict is None:
         return ["## Verdict", "", "**No verdict**: this run was not evaluated against its baselines. "
                 "Run `tunewise eval RUN` before relying on it.", ""]
-    primary = verdict["primary_metric"]
-    best = verdict["best_baseline"]
-    diff, test = verdict["difference"], verdict["test"]
-    lines = ["## Verdict", "", f"**{verdict['decision']}.** {verdict['reason']}", "",
-             f"- primary metric: `{primary}` on {verdict['n_items']} held-out test items",
+    primary = verdict.primary_metric
+    best = verdict.best_baseline
+    diff, test = verdict.difference, verdict.test
+    lines = ["## Verdict", "", f"**{verdict.decision.value}.** {verdict.reason}", "",
+             f"- primary metric: `{primary}` on {verdict.n_items} held-out test items",
              f"- best baseline: `{best}`; fine-tune minus best baseline: {diff['mean']:+.3f} "
              f"(95% CI {diff['low']:+.3f} to {diff['high']:+.3f}), {test['name']} p={test['p_value']:.3g}; "
-             f"required margin {verdict['margin']}, alpha {verdict['alpha']}",
+             f"required margin {verdict.margin}, alpha {verdict.alpha}",
              "", "| arm | mean " + primary + " | fine-tune minus arm (95% CI) |", "|---|---|---|"]
-    for arm, mean in verdict["means"].items():
-        comparison = verdict.get("comparisons", {}).get(arm)
+    for arm, mean in verdict.means.items():
+        comparison = verdict.comparisons.get(arm)
         delta = "—" if comparison is None else (
             f"{comparison['difference']['mean']:+.3f} ({comparison['difference']['low']:+.3f} to "
             f"{comparison['difference']['high']:+.3f})")
@@ -374,16 +374,16 @@ def _verdict_section(verdict: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _limits(verdict: dict | None, config: Config, manifest: dict) -> list[str]:
+def _limits(verdict: Verdict | None, config: Config, manifest: dict) -> list[str]:
     counts = manifest.get("counts", {})
     lines = ["## Limits", "",
              f"- Evaluated only on the held-out test split of the same data ({counts.get('test', '?')} items); "
              "performance on other inputs is unmeasured.",
              f"- Inherits the base model's ({config.model.base}) knowledge, biases and context limits.",
              "- GGUF files in 4-8 bits are quantized: their outputs can differ slightly from the merged model."]
-    flags = (verdict or {}).get("red_flags", [])
-    if verdict is not None and verdict.get("decision") != "SHIP":
-        lines.append(f"- The verdict is {verdict['decision']}: prefer `{verdict['best_baseline']}` for this task.")
+    flags = verdict.red_flags if verdict is not None else []
+    if verdict is not None and not verdict.shipped:
+        lines.append(f"- The verdict is {verdict.decision.value}: prefer `{verdict.best_baseline}` for this task.")
     if flags:
         lines += [f"- Red flag{' (blocking)' if f.get('blocking') else ''}: {f['message']}" for f in flags]
     elif verdict is not None:
@@ -404,14 +404,14 @@ def _parity_lines(parity: dict | None) -> list[str]:
     return lines
 
 
-def model_card(run: RunDir, config: Config, verdict: dict | None, *, dtype: torch.dtype, files: list[str],
+def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: torch.dtype, files: list[str],
                parity: dict | None = None) -> str:
     """README.md for the export: base, method, data version, verdict, metrics, intended use, limits."""
     manifest = read_json(run.manifest) if run.manifest.exists() else {}
     adapter = read_json(run.adapter / "tunewise.json") if (run.adapter / "tunewise.json").exists() else {}
     dataset = manifest.get("version") or adapter.get("dataset_version") or "unknown"
     counts = manifest.get("counts", {})
-    arms = list((verdict or {}).get("means", {})) or ["finetuned"]
+    arms = list(verdict.means) if verdict is not None else ["finetuned"]
     lines = [
         "---", f"base_model: {config.model.base}", "library_name: transformers",
         "pipeline_tag: text-generation", "tags: [tunewise, lora, merged]", "---", "",

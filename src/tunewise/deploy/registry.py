@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunewise.artifacts import weights_in
+from tunewise.artifacts import Decision, Verdict, weights_in
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, read_json, sha256_file
 
@@ -44,7 +44,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 SCHEMA_VERSION = 1
 DB_FILE = "registry.sqlite"
-SHIP, NO_SHIP = "SHIP", "DO NOT SHIP"  # the verdict stage's decisions (tunewise.evaluate.verdict)
+SHIP, NO_SHIP = Decision.SHIP.value, Decision.DO_NOT_SHIP.value  # as the registry's database stores them
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 RESERVED_NAMES = {"base"}  # the server answers to `base` for the base model itself
 WEIGHTS = "adapter_model.safetensors"
@@ -273,20 +273,17 @@ def _run_record(run: RunDir) -> dict[str, Any]:
     """What the registry records about a run: dataset version, base model, the verdict's figures."""
     provenance = _json_or_none(run.adapter / "tunewise.json") or {}
     manifest = _json_or_none(run.manifest) or {}
-    verdict = _json_or_none(run.verdict) or {}
-    decision = verdict.get("decision")
-    if decision not in (None, SHIP, NO_SHIP):
-        raise TunewiseError(f"unknown verdict decision {decision!r}", file=run.verdict, field="decision",
-                            fix=f"re-run the verdict stage: tunewise stage verdict {run.root}")
-    primary, best = verdict.get("primary_metric"), verdict.get("best_baseline")
-    means = verdict.get("means") or {}
+    verdict = Verdict.read(run.verdict) if run.verdict.exists() else None
+    decision = verdict.decision.value if verdict else None
+    primary, best = (verdict.primary_metric, verdict.best_baseline) if verdict else (None, None)
+    means = verdict.means if verdict else {}
     train = provenance.get("train") if isinstance(provenance.get("train"), dict) else {}
     return {
         # the adapter's own provenance says what it was trained on; the manifest may be newer
         "dataset_version": provenance.get("dataset_version") or manifest.get("version"),
         "base": train.get("base"),
         "decision": decision,
-        "reason": verdict.get("reason"),
+        "reason": verdict.reason if verdict else None,
         "primary_metric": primary,
         "finetuned": _float_or_none(means.get("finetuned")),
         "best_baseline": best,

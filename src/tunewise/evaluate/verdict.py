@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from tunewise.artifacts import Decision, Verdict
 from tunewise.evaluate.arms import FINETUNED
 from tunewise.evaluate.metrics import BINARY
 from tunewise.evaluate.stats import mcnemar_exact, paired_bootstrap
-
-SHIP, NO_SHIP = "SHIP", "DO NOT SHIP"
 
 
 def _pretty(arm: str) -> str:
@@ -88,7 +87,7 @@ def decide_verdict(
     seed: int,
     red_flags: list[dict],
     baselines: list[str] | None = None,
-) -> dict:
+) -> Verdict:
     """Compare the fine-tune with the best baseline on `primary`; SHIP needs margin + significance
     and no blocking red flag. `red_flags` are {name, message, blocking}; `baselines` are the arms
     the fine-tune must beat (default: every other arm)."""
@@ -119,18 +118,6 @@ def decide_verdict(
         reason = f"{head}: significant and above the margin, but blocked by red flags: {', '.join(blocking)}."
     else:
         reason = f"{head}: significant and at least the margin of {margin}."
-    return {
-        "decision": SHIP if ship else NO_SHIP,
-        "reason": reason,
-        "primary_metric": primary,
-        "best_baseline": best,
-        "baselines": counted,
-        "means": means,
-        "difference": diff,
-        "test": test,
-        "comparisons": comparisons,
-        "margin": margin,
-        "alpha": alpha,
-        "n_items": len(ft),
-        "red_flags": red_flags,
-    }
+    return Verdict(decision=Decision.SHIP if ship else Decision.DO_NOT_SHIP, reason=reason, primary_metric=primary,
+                   best_baseline=best, baselines=counted, means=means, difference=diff, test=test,
+                   comparisons=comparisons, margin=margin, alpha=alpha, n_items=len(ft), red_flags=red_flags)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from tunewise.artifacts import Verdict
 from tunewise.data.outputs import normalize_label
 from tunewise.report.plots import confusion_plot, loss_plot, metric_plot, metrics_grid_plot, regression_plot
 from tunewise.runs import RunDir, atomic_write_text, read_json, read_jsonl
@@ -55,15 +56,15 @@ def _judge(run: RunDir, arms: list[str]) -> dict | None:
 
 
 def write_report(run: RunDir, arms: list[str], samples: int) -> Path:
-    verdict = read_json(run.verdict)
-    primary, best = verdict["primary_metric"], verdict["best_baseline"]
+    verdict = Verdict.read(run.verdict)
+    primary, best = verdict.primary_metric, verdict.best_baseline
     metrics = {arm: read_json(run.metrics(arm)) for arm in arms}
     predictions = {arm: read_jsonl(run.predictions(arm)) for arm in arms}
     log_rows = read_jsonl(run.train_log) if run.train_log.exists() else []
     metric_names = list(next(iter(metrics.values()))["metrics"])
     headline = [m for m in metric_names if not m.startswith("field:")]
     regression = None
-    if "regression" in verdict:
+    if verdict.regression is not None:
         base, ft = (read_json(run.regression_metrics(w)) for w in ("base", "finetuned"))
         regression = {"base": base, "finetuned": ft, "plot": regression_plot(base["by_category"], ft["by_category"])}
     env = Environment(loader=PackageLoader("tunewise.report", "templates"), autoescape=select_autoescape())
