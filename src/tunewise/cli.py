@@ -37,7 +37,7 @@ def _example_dir() -> Path:
 
 def print_verdict(verdict, run_root: Path) -> None:
     """The verdict (an artifacts.Verdict) as a table, the decision, the red flags."""
-    from tunewise.runs import read_json
+    from tunewise.runs import RunDir, read_json
 
     if verdict is None:
         console.print(f"no verdict yet: the run stopped before the verdict stage ({run_root})")
@@ -48,7 +48,7 @@ def print_verdict(verdict, run_root: Path) -> None:
                             ("fine-tune minus arm (paired 95% CI)", "right"), ("p", "right")):
         table.add_column(column, justify=justify)
     for arm, mean in verdict.means.items():
-        ci = read_json(run_root / "metrics" / f"{arm}.json")["metrics"][primary]
+        ci = read_json(RunDir(run_root).metrics(arm))["metrics"][primary]
         style = "bold" if arm in ("finetuned", verdict.best_baseline) else ""
         cmp = verdict.comparisons.get(arm)
         diff = (f"{cmp['difference']['mean']:+.3f} [{cmp['difference']['low']:+.3f}, {cmp['difference']['high']:+.3f}]"
@@ -119,7 +119,7 @@ def train(
     from tunewise.train.loop import train_model
 
     run = open_run_dir(resume)
-    if (run.adapter / "tunewise.json").exists() and run.train_summary.exists():
+    if (run.adapter_provenance).exists() and run.train_summary.exists():
         console.print(f"{run.root} is already trained; next: tunewise run --resume {run.root}")
         return
     dist = init_distributed()

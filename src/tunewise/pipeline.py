@@ -206,11 +206,11 @@ def stage_judge(run: RunDir, config: Config, console: Console) -> None:
     point = judge.pointwise(endpoint, items, arms, cfg.rubric, console=console)
     summary: dict = {"judge": {"url": cfg.url, "model": cfg.model}, "rubric": cfg.rubric, "n_items": len(items),
                      "pointwise": judge.summarize_pointwise(point, arms, cfg.rubric, **stats)}
-    atomic_write_jsonl(run.judge / "pointwise.jsonl", point)
+    atomic_write_jsonl(run.judge_pointwise, point)
     if cfg.pairwise:
         best = best_baseline(run, config)
         pairs = judge.pairwise(endpoint, items, FINETUNED, best, console=console)
-        atomic_write_jsonl(run.judge / "pairwise.jsonl", pairs)
+        atomic_write_jsonl(run.judge_pairwise, pairs)
         summary["pairwise"] = judge.summarize_pairwise(pairs, FINETUNED, best, **stats)
         pw = summary["pairwise"]
         if pw["win_rate_a"]["mean"] is not None:
@@ -221,7 +221,7 @@ def stage_judge(run: RunDir, config: Config, console: Console) -> None:
         else:
             console.print(f"  fine-tune vs {best}: no order-consistent verdict; the judge is not usable for this task")
     summary["provenance"] = run.provenance(config.data.seed)
-    atomic_write_json(run.judge / "summary.json", summary)
+    atomic_write_json(run.judge_summary, summary)
 
 
 def red_flags(run: RunDir, config: Config) -> list[dict]:
@@ -257,8 +257,8 @@ def stage_verdict(run: RunDir, config: Config, console: Console) -> None:
     )
     if ev.forgetting:
         verdict.regression = {who: read_json(run.regression_metrics(who))["accuracy"] for who in ("base", "finetuned")}
-    if (run.judge / "summary.json").exists():
-        verdict.judge = {k: v for k, v in read_json(run.judge / "summary.json").items() if k != "provenance"}
+    if (run.judge_summary).exists():
+        verdict.judge = {k: v for k, v in read_json(run.judge_summary).items() if k != "provenance"}
     verdict.provenance = run.provenance(config.data.seed)
     verdict.write(run.verdict)
 
@@ -282,9 +282,9 @@ Stage = Callable[[RunDir, Config, Console], None]
 STAGES: dict[str, tuple[Stage, Callable[[RunDir, Config], bool]]] = {
     "decide": (stage_decide, lambda r, c: r.decision.exists()),
     "baseline": (stage_baseline, _baseline_done),
-    "train": (stage_train, lambda r, c: (r.adapter / "tunewise.json").exists() and r.train_summary.exists()),
+    "train": (stage_train, lambda r, c: (r.adapter_provenance).exists() and r.train_summary.exists()),
     "evaluate": (stage_evaluate, _evaluate_done),
-    "judge": (stage_judge, lambda r, c: c.eval.judge is None or (r.judge / "summary.json").exists()),
+    "judge": (stage_judge, lambda r, c: c.eval.judge is None or (r.judge_summary).exists()),
     "verdict": (stage_verdict, lambda r, c: r.verdict.exists()),
     "report": (stage_report, lambda r, c: r.report.exists()),
 }

@@ -138,6 +138,18 @@ class RunDir:
         return self.root / "judge"
 
     @property
+    def judge_summary(self) -> Path:
+        return self.judge / "summary.json"
+
+    @property
+    def judge_pointwise(self) -> Path:
+        return self.judge / "pointwise.jsonl"
+
+    @property
+    def judge_pairwise(self) -> Path:
+        return self.judge / "pairwise.jsonl"
+
+    @property
     def index(self) -> Path:
         """The retrieval index of the train split (retrieved few-shot arm)."""
         return self.root / "index"
@@ -145,6 +157,16 @@ class RunDir:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter"
+
+    @property
+    def adapter_provenance(self) -> Path:
+        """tunewise.json next to the trained weights: what they were trained on and how."""
+        return self.adapter / "tunewise.json"
+
+    @property
+    def export(self) -> Path:
+        """`tunewise export`'s default folder."""
+        return self.root / "export"
 
     @property
     def checkpoints(self) -> Path:

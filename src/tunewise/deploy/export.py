@@ -152,7 +152,7 @@ def export_run(
     base_path = resolve_base(config.model.base)
     verdict = Verdict.read(run.verdict) if run.verdict.exists() else None
     _warn_unless_shipped(verdict, run, console)
-    out = Path(out) if out is not None else run.root / "export"
+    out = Path(out) if out is not None else run.export
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
@@ -299,7 +299,7 @@ def _warn_unless_shipped(verdict: Verdict | None, run: RunDir, console: Console)
 
 
 def _provenance(run: RunDir, config: Config, dtype: torch.dtype, files: list[str]) -> dict:
-    adapter = read_json(run.adapter / "tunewise.json") if (run.adapter / "tunewise.json").exists() else {}
+    adapter = read_json(run.adapter_provenance) if (run.adapter_provenance).exists() else {}
     return {**run.provenance(config.train.seed), "adapter": adapter, "base": config.model.base,
             "merged_dtype": str(dtype).removeprefix("torch."), "files": files}
 
@@ -408,7 +408,7 @@ def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: t
                parity: dict | None = None) -> str:
     """README.md for the export: base, method, data version, verdict, metrics, intended use, limits."""
     manifest = read_json(run.manifest) if run.manifest.exists() else {}
-    adapter = read_json(run.adapter / "tunewise.json") if (run.adapter / "tunewise.json").exists() else {}
+    adapter = read_json(run.adapter_provenance) if (run.adapter_provenance).exists() else {}
     dataset = manifest.get("version") or adapter.get("dataset_version") or "unknown"
     counts = manifest.get("counts", {})
     arms = list(verdict.means) if verdict is not None else ["finetuned"]

@@ -271,7 +271,7 @@ def _adapter_files(folder: Path) -> tuple[list[Path], list[str]]:
 
 def _run_record(run: RunDir) -> dict[str, Any]:
     """What the registry records about a run: dataset version, base model, the verdict's figures."""
-    provenance = _json_or_none(run.adapter / "tunewise.json") or {}
+    provenance = _json_or_none(run.adapter_provenance) or {}
     manifest = _json_or_none(run.manifest) or {}
     verdict = Verdict.read(run.verdict) if run.verdict.exists() else None
     decision = verdict.decision.value if verdict else None

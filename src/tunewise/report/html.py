@@ -46,12 +46,12 @@ def _confusions(metrics: dict[str, dict], show: list[str]) -> list[tuple[str, st
 
 
 def _judge(run: RunDir, arms: list[str]) -> dict | None:
-    if not (run.judge / "summary.json").exists():
+    if not (run.judge_summary).exists():
         return None
-    summary = read_json(run.judge / "summary.json")
-    point = read_jsonl(run.judge / "pointwise.jsonl")
+    summary = read_json(run.judge_summary)
+    point = read_jsonl(run.judge_pointwise)
     samples = {arm: [r for r in point if r["arm"] == arm][:JUDGE_SAMPLES] for arm in arms}
-    pairs = read_jsonl(run.judge / "pairwise.jsonl")[:JUDGE_SAMPLES] if (run.judge / "pairwise.jsonl").exists() else []
+    pairs = read_jsonl(run.judge_pairwise)[:JUDGE_SAMPLES] if (run.judge_pairwise).exists() else []
     return {"summary": summary, "samples": samples, "pairs": pairs}
 
 
