@@ -5,7 +5,7 @@ converter runs in llama.cpp with the merged model's tokens and greedy outputs (c
 conversion, measured on f16), and llama.cpp's own completion loop stops where transformers stops:
 at <|im_end|>. (q8_0 is not near-lossless in llama.cpp on this 135M model: it quantizes the
 activations too, and "What is the capital of France?" starts "L'Étoile" instead of "The capital";
-top-1 agreement 0.93 on the prompt positions, measured with llamacpp.parity.)"""
+top-1 agreement 0.95 on the prompt positions: bench/gguf_parity.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.helpers import has_llamacpp, needs_llamacpp
 from tests.unit.test_export import write_fake_run
 from tunewise.deploy import llamacpp
 from tunewise.deploy.export import export_run
@@ -38,7 +39,7 @@ def shipped(tmp_path_factory, embedded_path, tokenizer):
     # and some generations, and keeps the model coherent
     run = write_fake_run(tmp_path_factory.mktemp("export-embedded") / "run", embedded_path, tokenizer,
                          lora_std=0.002, base_name="smollm2-135m-instruct")
-    gguf = llamacpp.available()
+    gguf = has_llamacpp()
     written = export_run(run.root, merge=True, gguf=gguf, quant="f16", console=QUIET)
     return run, written
 
@@ -83,7 +84,7 @@ def test_merged_model_is_base_plus_adapter(shipped, merged, embedded_path, token
     assert any(seq[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>") for seq in merged_sequences)
 
 
-@pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")
+@needs_llamacpp
 def test_gguf_generates_in_llama_cpp_what_the_merged_model_generates(shipped, merged, tokenizer):
     from gguf import GGUFReader
 
