@@ -61,10 +61,10 @@ demo: model
 	$(TW) demo
 
 test: model llamacpp browser gotemplate
-	$(PY) -m pytest -m "not gpu" -q
+	TUNEWISE_REQUIRE_TOOLS=1 $(PY) -m pytest -m "not gpu" -q
 
 test-fast: setup llamacpp gotemplate
-	$(PY) -m pytest -m "not integration and not gpu" -q
+	TUNEWISE_REQUIRE_TOOLS=1 $(PY) -m pytest -m "not integration and not gpu" -q
 
 # On a machine with a CUDA GPU: the gpu tier and the demo end to end on CUDA (minutes).
 gpu-smoke: model llamacpp

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 
 def pytest_configure(config):
@@ -17,7 +16,7 @@ def pytest_configure(config):
     if "gpu" not in expression.replace("not gpu", ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from tests.helpers import label_rows, write_jsonl
+from tests.helpers import label_rows, tiny_model, write_jsonl
 from tunewise.models import load_tokenizer, resolve_base
 
 
@@ -35,20 +34,7 @@ def tokenizer(embedded_path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_path, tokenizer) -> Path:
     """A 2-layer random llama (seconds to train) that shares the embedded model's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture

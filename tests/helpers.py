@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,35 @@ from pathlib import Path
 import pytest
 
 SECTIONS = ["games", "net", "sound", "utils"]
+# `make test` / `make test-fast` install llama.cpp and Go and set this: a test needing them then runs
+# (and fails if they are missing) instead of skipping; a bare `pytest` elsewhere skips, saying why
+REQUIRE_TOOLS = os.environ.get("TUNEWISE_REQUIRE_TOOLS") == "1"
+
+
+def has_llamacpp() -> bool:
+    from tunewise.deploy import llamacpp
+
+    return REQUIRE_TOOLS or llamacpp.available()
+
+
+needs_llamacpp = pytest.mark.skipif(not has_llamacpp(), reason="llama.cpp is not built here: make llamacpp")
+
+
+def tiny_model(folder: Path, tokenizer) -> Path:
+    """A seeded 2-layer random llama with `tokenizer` (seconds to train): the tests' tiny model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -21,24 +21,6 @@ sys.path.insert(0, str(ROOT))
 VOLATILE = {"provenance", "model"}  # run name, time, versions; "model" fingerprints hold folder paths
 
 
-def tiny_model(folder: Path) -> Path:
-    """The tests' tiny model (tests/conftest.py::tiny_model_dir): seeded 2-layer llama, SmolLM2 tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tunewise.models import load_tokenizer, resolve_base
-
-    tokenizer = load_tokenizer(resolve_base("smollm2-135m-instruct"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def stable(path: Path) -> bytes:
     data = json.loads(path.read_text(encoding="utf-8"))
     return json.dumps({k: v for k, v in data.items() if k not in VOLATILE}, sort_keys=True).encode()
@@ -57,13 +39,14 @@ def main() -> None:
     args = parser.parse_args()
     from rich.console import Console
 
-    from tests.helpers import label_rows, write_jsonl
+    from tests.helpers import label_rows, tiny_model, write_jsonl
+    from tunewise.models import load_tokenizer, resolve_base
     from tunewise.pipeline import run_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        model = tiny_model(root / "tiny")
+        model = tiny_model(root / "tiny", load_tokenizer(resolve_base("smollm2-135m-instruct")))
         write_jsonl(root / "data.jsonl", label_rows(60))
         (root / "tunewise.yaml").write_text(
             "task: {name: tiny, system_prompt: Reply with JSON.}\n"

@@ -6,6 +6,7 @@ to probe `adapter_config.json` / `config.json` themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from enum import Enum
@@ -96,7 +97,7 @@ class Verdict:
         return self.decision is Decision.SHIP
 
     def to_json(self) -> dict:
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["decision"] = self.decision.value
         return {k: v for k, v in data.items() if v is not None or k not in ("regression", "judge", "provenance")}
 
@@ -111,12 +112,12 @@ class Verdict:
         except ValueError:
             raise TunewiseError(f"unknown verdict decision {data.get('decision')!r}", file=where, field="decision",
                                 fix=fix) from None
-        names = [n for n in cls.__dataclass_fields__ if n != "decision"]
-        missing = [n for n, f in cls.__dataclass_fields__.items()
-                   if n != "decision" and f.default is not None and n not in data and n != "baselines"]
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "decision"}
+        optional = {"baselines"} | {n for n, f in fields.items() if f.default is not dataclasses.MISSING}
+        missing = [n for n in fields if n not in data and n not in optional]
         if missing:
             raise TunewiseError(f"verdict.json lacks {', '.join(missing)}", file=where, fix=fix)
-        values = {n: data[n] for n in names if n in data}
+        values = {n: data[n] for n in fields if n in data}
         values.setdefault("baselines", [a for a in data["means"] if a != "finetuned"])  # before baselines were named
         return cls(decision=decision, **values)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.helpers import needs_llamacpp
 from tunewise.config import load_config
 from tunewise.data import with_system
-from tunewise.deploy import llamacpp
 from tunewise.deploy.export import export_run
 from tunewise.models import load_chat, load_model, resolve_base
 from tunewise.pipeline import run_pipeline
@@ -74,7 +74,7 @@ def test_the_fine_tune_stops_at_end_of_turn(gemma_run):
     assert stopped >= 3  # trained on <end_of_turn> for one epoch: it ends its answers there
 
 
-@pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")
+@needs_llamacpp
 def test_gemma_gguf_matches_the_merged_model_in_llama_cpp(gemma_run, tmp_path):
     """The fine-tune as Q4_K_M GGUF + Modelfile: the bf16 conversion is checked in llama.cpp on the
     test prompts (same ids, same greedy answers) before it is quantized. (The adapter GGUF is checked

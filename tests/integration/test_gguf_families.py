@@ -20,11 +20,12 @@ import torch
 from rich.console import Console
 
 from tests.families import ARCHITECTURES, SPM_CLASS, architecture_folder, family_tokenizer, spm_tokenizer
+from tests.helpers import needs_llamacpp
 from tunewise.deploy import llamacpp, ollama
 from tunewise.models import load_chat, load_model
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")]
+              needs_llamacpp]
 QUIET = Console(quiet=True)
 GGUF_ARCH = {"llama-3.1": "llama", "qwen-3": "qwen3", "mistral-v0.3": "llama", "gemma-2": "gemma2",
              "gemma-3": "gemma3", "phi-3.5": "phi3", "phi-4-mini": "phi3", "smollm2": "llama"}

@@ -12,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.helpers import has_llamacpp, needs_llamacpp
 from tunewise.deploy import export as export_mod
 from tunewise.deploy import llamacpp, ollama
 from tunewise.deploy.export import export_run, stop_ids
@@ -20,7 +21,6 @@ from tunewise.models import ChatFormat, load_chat
 from tunewise.runs import RunDir, atomic_write_json
 
 QUIET = Console(quiet=True)
-needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built here: make llamacpp")
 TEST_ITEMS = ["Package: vim\nDescription: Vi IMproved", "Package: gcc\nDescription: GNU C compiler",
               "Package: curl\nDescription: command line tool for transferring data with URL syntax"]
 RED_FLAG = "length drift: fine-tune outputs are 2.10x the references' length (limit 2x)"
@@ -80,7 +80,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, tokenizer) -> RunDir:
 
 @pytest.fixture(scope="module")
 def exported(trained_run) -> dict[str, Path]:
-    if not llamacpp.available():
+    if not has_llamacpp():
         return export_run(trained_run.root, merge=True, console=QUIET)
     return export_run(trained_run.root, merge=True, gguf=True, quant="q8_0", console=QUIET)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.families import FAMILIES, family_tokenizer
+from tests.helpers import REQUIRE_TOOLS
 from tunewise.deploy import ollama
 from tunewise.errors import TunewiseError
 from tunewise.models import ChatFormat
@@ -71,6 +72,8 @@ def go_render(tmp_path_factory):
     Debian package golang-go: `make gotemplate`)."""
     go = shutil.which("go")
     if go is None:
+        if REQUIRE_TOOLS:  # make test installs it: missing there is a failure, not a skip
+            pytest.fail("Go is not installed: make gotemplate (Debian golang-go)")
         pytest.skip("Go is not installed: make gotemplate")
     folder = tmp_path_factory.mktemp("go")
     binary = folder / "render"
