@@ -101,3 +101,47 @@ def write_verdict(path: Path, decision: str, *, reason: str = "test", primary: s
             baselines=[a for a in means if a != "finetuned"], means=means, difference=diff, test=test,
             comparisons={a: {"difference": diff, "test": test} for a in means if a != "finetuned"}, margin=0.02,
             alpha=0.05, n_items=10, red_flags=[]).write(path)
+
+
+# --- run-folder files through their types (artifacts.py), for fakes of earlier stages --------------
+
+def write_manifest(path: Path, version: str = "ds-1", *, counts: dict | None = None, split_strategy: str = "random",
+                   output_type: str = "json") -> None:
+    """A data/manifest.json as the data stage writes one, with only what a test cares about set."""
+    from tunewise.artifacts import DataManifest
+
+    DataManifest(version=version, tunewise_version="test", inputs={}, formats={}, settings={},
+                 split_strategy=split_strategy, output_type=output_type,
+                 counts=counts or {"train": 10, "val": 2, "test": 2}, rejected_by_kind={}, sha256={}, stats={},
+                 warnings=[], clusters=[], contaminated=[]).write(path)
+
+
+def train_summary(**values):
+    """A TrainSummary with plausible figures; `values` override them."""
+    from tunewise.artifacts import TrainSummary
+
+    figures = dict(base="tiny", method="lora", dtype="float32", lr=2e-4, epochs=2, batch_size=4, grad_accum=1,
+                   max_seq_len=64, steps=10, train_examples=40, dropped_too_long=0, trainable_params=1000, best_step=8,
+                   best_val_loss=0.5, first_val_loss=1.5, final_train_loss=0.4, tokens=4000, seconds=10.0,
+                   tokens_per_second=400.0, step_tokens_per_second=450.0, peak_memory_mib=500.0,
+                   gradient_checkpointing=False, world_size=1, stopped_early=False, resumed_from_step=None,
+                   fast_path=[])
+    return TrainSummary(**(figures | values))
+
+
+def write_weights_record(folder: Path, *, dataset_version: str | None = None, config_sha256: str | None = None,
+                         train=None, step: int = 8, val_loss: float = 0.5) -> None:
+    """tunewise.json next to fake trained weights, as training leaves it."""
+    from tunewise.artifacts import Provenance, WeightsRecord
+
+    provenance = Provenance(run=folder.parent.name, config_sha256=config_sha256, dataset_version=dataset_version,
+                            seeds={"data": 0, "eval": 0, "train": 0}, libraries={"torch": "test"}, created="")
+    WeightsRecord(step=step, val_loss=val_loss, provenance=provenance, train=train).write(folder / "tunewise.json")
+
+
+def write_arm_metrics(path: Path, arm: str, primary: str, metrics: dict[str, dict]) -> None:
+    """metrics/<arm>.json as evaluation writes one."""
+    from tunewise.artifacts import ArmMetrics
+
+    ArmMetrics(output_type="json", n=5, metrics=metrics, confusion={}, arm=arm, primary=primary,
+               model="test").write(path)

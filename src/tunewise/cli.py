@@ -37,7 +37,8 @@ def _example_dir() -> Path:
 
 def print_verdict(verdict, run_root: Path) -> None:
     """The verdict (an artifacts.Verdict) as a table, the decision, the red flags."""
-    from tunewise.runs import RunDir, read_json
+    from tunewise.artifacts import ArmMetrics
+    from tunewise.runs import RunDir
 
     if verdict is None:
         console.print(f"no verdict yet: the run stopped before the verdict stage ({run_root})")
@@ -48,7 +49,7 @@ def print_verdict(verdict, run_root: Path) -> None:
                             ("fine-tune minus arm (paired 95% CI)", "right"), ("p", "right")):
         table.add_column(column, justify=justify)
     for arm, mean in verdict.means.items():
-        ci = read_json(RunDir(run_root).metrics(arm))["metrics"][primary]
+        ci = ArmMetrics.read(RunDir(run_root).metrics(arm)).interval(primary)
         style = "bold" if arm in ("finetuned", verdict.best_baseline) else ""
         cmp = verdict.comparisons.get(arm)
         diff = (f"{cmp['difference']['mean']:+.3f} [{cmp['difference']['low']:+.3f}, {cmp['difference']['high']:+.3f}]"
@@ -112,9 +113,10 @@ def train(
 ) -> None:
     """Train a run (from its newest checkpoint after a crash, Ctrl-C or kill -9). Under
     `torchrun --nproc_per_node N -m tunewise train --resume RUN` it trains data-parallel."""
+    from tunewise.artifacts import TrainSummary
     from tunewise.config import load_config
     from tunewise.pipeline import resume_pipeline
-    from tunewise.runs import open_run_dir, read_json
+    from tunewise.runs import open_run_dir
     from tunewise.train.distributed import init_distributed
     from tunewise.train.loop import train_model
 
@@ -130,12 +132,12 @@ def train(
         run_dir = run
     else:
         run_dir, _ = resume_pipeline(resume, console, only="train")
-    summary = read_json(run_dir.train_summary)
-    resumed = summary.get("resumed_from_step")
-    console.print(f"train done in {run_dir.root}: {summary['steps']} steps"
+    summary = TrainSummary.read(run_dir.train_summary)
+    resumed = summary.resumed_from_step
+    console.print(f"train done in {run_dir.root}: {summary.steps} steps"
                   + (f" (resumed from step {resumed})" if resumed else "")
-                  + (", stopped early" if summary.get("stopped_early") else "")
-                  + f"; best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}. "
+                  + (", stopped early" if summary.stopped_early else "")
+                  + f"; best val loss {summary.best_val_loss:.4f} at step {summary.best_step}. "
                   f"Next: tunewise run --resume {run_dir.root}")
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunewise.artifacts import Seeds
 from tunewise.decide import Answers
 from tunewise.errors import TunewiseError
 
@@ -196,6 +197,7 @@ class JudgeConfig(_Remote):
 
 class EvalConfig(_Strict):
     few_shot_k: int = Field(3, ge=1, description="Examples from the train split in the few-shot arms.")
+    seed: int = Field(0, description="Seed of the few-shot picks and of every bootstrap resample.")
     max_new_tokens: int | None = Field(None, gt=0, description="Generation budget; derived if unset.")
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
     max_test: int | None = Field(None, gt=0, description="Score only the first N test items.")
@@ -257,6 +259,10 @@ class Config(_Strict):
         "mlflow", description="Experiment tracking: MLflow (a local store in the runs folder), W&B (offline unless "
         "WANDB_MODE says otherwise), TensorBoard, or none."
     )
+
+    @property
+    def seeds(self) -> Seeds:
+        return Seeds(data=self.data.seed, eval=self.eval.seed, train=self.train.seed)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "Config":

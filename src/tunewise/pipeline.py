@@ -13,7 +13,15 @@ from typing import Callable
 from rich.console import Console
 from rich.text import Text
 
-from tunewise.artifacts import Verdict
+from tunewise.artifacts import (
+    ArmMetrics,
+    DataManifest,
+    DecideRecord,
+    JudgeSummary,
+    Provenance,
+    RegressionMetrics,
+    Verdict,
+)
 from tunewise.config import Config, dump_config, load_config
 from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
 from tunewise.decide import recommend
@@ -41,7 +49,6 @@ from tunewise.models import base_chat
 from tunewise.report.html import write_report
 from tunewise.runs import (
     RunDir,
-    atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
     new_run_dir,
@@ -93,7 +100,7 @@ def print_chat(console: Console, model: str, chat) -> None:
         console.print(Text.assemble(("warning ", "yellow"), warning))
 
 
-def write_data(run: RunDir, config: Config, data: tuple, console: Console) -> dict:
+def write_data(run: RunDir, config: Config, data: tuple, console: Console) -> DataManifest:
     """The prepared splits, manifest and data report into the run folder; prints the summary."""
     prepared, settings, chat = data
     manifest = write_prepared(prepared, run.data, settings,
@@ -102,39 +109,40 @@ def write_data(run: RunDir, config: Config, data: tuple, console: Console) -> di
     return manifest
 
 
-def print_data_summary(console: Console, manifest: dict, problems: list) -> None:
-    c = manifest["counts"]
+def print_data_summary(console: Console, manifest: DataManifest, problems: list) -> None:
+    c = manifest.counts
     removed = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in
                         ("too_long", "exact_duplicates", "near_duplicates", "semantic_duplicates", "contaminated")
                         if c.get(k))
     console.print(
         f"[bold]data[/] {c['read']} read, {c['rejected']} rejected{', ' + removed if removed else ''}; "
-        f"{manifest['split_strategy']} split {c['train']}/{c['val']}/{c['test']} (dataset {manifest['version']})"
+        f"{manifest.split_strategy} split {c['train']}/{c['val']}/{c['test']} (dataset {manifest.version})"
     )
     for problem in problems[:10]:
         console.print(Text.assemble(("  skipped ", "yellow"), str(problem)))
     if len(problems) > 10:
         console.print(f"  ... and {len(problems) - 10} more in data/rejected.jsonl")
-    for warning in manifest["warnings"]:
+    for warning in manifest.warnings:
         console.print(Text.assemble(("warning ", "yellow"), warning))
 
 
 def stage_decide(run: RunDir, config: Config, console: Console) -> None:
-    counts = read_json(run.manifest)["counts"]
+    counts = DataManifest.read(run.manifest).counts
     warnings = []
     if counts["train"] < FEW_EXAMPLES:
         warnings.append(
             f"only {counts['train']} training examples (fewer than {FEW_EXAMPLES}): expect a weak fine-tune; "
             "collect more or rely on few-shot prompting"
         )
-    decision: dict = {"train_examples": counts["train"], "warnings": warnings}
+    decision = DecideRecord(train_examples=counts["train"], warnings=warnings)
     if config.decide is not None:
         made = recommend(config.decide)
-        decision = {**made.to_dict(), "train_examples": counts["train"], "warnings": [*made.warnings, *warnings]}
+        decision = DecideRecord.from_json({**made.to_dict(), "train_examples": counts["train"],
+                                           "warnings": [*made.warnings, *warnings]})
         console.print(f"[bold]decide[/] {made.headline()}")
-    for warning in decision["warnings"]:
+    for warning in decision.warnings:
         console.print(Text.assemble(("warning ", "yellow"), warning))
-    atomic_write_json(run.decision, decision)
+    decision.write(run.decision)
 
 
 def all_arms(config: Config) -> list[str]:
@@ -179,8 +187,8 @@ def stage_evaluate(run: RunDir, config: Config, console: Console) -> None:
 def best_baseline(run: RunDir, config: Config) -> str:
     """The counted baseline arm with the highest mean on the primary metric."""
     counted = counted_baselines(config)
-    metrics = {arm: read_json(run.metrics(arm)) for arm in counted}
-    return max(counted, key=lambda a: metrics[a]["metrics"][metrics[a]["primary"]]["mean"])
+    means = {arm: ArmMetrics.read(run.metrics(arm)).primary_mean for arm in counted}
+    return max(counted, key=means.__getitem__)
 
 
 def stage_judge(run: RunDir, config: Config, console: Console) -> None:
@@ -201,18 +209,17 @@ def stage_judge(run: RunDir, config: Config, console: Console) -> None:
         for i, row in enumerate(first)
     ]
     ev = config.eval
-    stats = dict(samples=ev.bootstrap_samples, alpha=ev.alpha, seed=config.data.seed)
+    stats = dict(samples=ev.bootstrap_samples, alpha=ev.alpha, seed=ev.seed)
     console.print(f"[bold]judge[/] {cfg.model} at {cfg.url}: {len(items)} items x {len(arms)} arms")
     point = judge.pointwise(endpoint, items, arms, cfg.rubric, console=console)
-    summary: dict = {"judge": {"url": cfg.url, "model": cfg.model}, "rubric": cfg.rubric, "n_items": len(items),
-                     "pointwise": judge.summarize_pointwise(point, arms, cfg.rubric, **stats)}
+    summary = JudgeSummary(judge={"url": cfg.url, "model": cfg.model}, rubric=cfg.rubric, n_items=len(items),
+                           pointwise=judge.summarize_pointwise(point, arms, cfg.rubric, **stats))
     atomic_write_jsonl(run.judge_pointwise, point)
     if cfg.pairwise:
         best = best_baseline(run, config)
         pairs = judge.pairwise(endpoint, items, FINETUNED, best, console=console)
         atomic_write_jsonl(run.judge_pairwise, pairs)
-        summary["pairwise"] = judge.summarize_pairwise(pairs, FINETUNED, best, **stats)
-        pw = summary["pairwise"]
+        summary.pairwise = pw = judge.summarize_pairwise(pairs, FINETUNED, best, **stats)
         if pw["win_rate_a"]["mean"] is not None:
             win = pw["win_rate_a"]
             console.print(f"  fine-tune vs {best}: win rate {win['mean']:.3f} [{win['low']:.3f}, {win['high']:.3f}] "
@@ -220,8 +227,8 @@ def stage_judge(run: RunDir, config: Config, console: Console) -> None:
                           f"position-inconsistent {pw['position_inconsistency_rate']:.1%}")
         else:
             console.print(f"  fine-tune vs {best}: no order-consistent verdict; the judge is not usable for this task")
-    summary["provenance"] = run.provenance(config.data.seed)
-    atomic_write_json(run.judge_summary, summary)
+    summary.provenance = Provenance.of(run, config.seeds)
+    summary.write(run.judge_summary)
 
 
 def red_flags(run: RunDir, config: Config) -> list[dict]:
@@ -249,17 +256,18 @@ def red_flags(run: RunDir, config: Config) -> list[dict]:
 def stage_verdict(run: RunDir, config: Config, console: Console) -> None:
     arms = all_arms(config)
     scores = {arm: arm_scores(run, arm) for arm in arms}
-    primary = read_json(run.metrics(FINETUNED))["primary"]
+    primary = ArmMetrics.read(run.metrics(FINETUNED)).primary
     ev = config.eval
     verdict = decide_verdict(
         scores, primary=primary, margin=ev.margin, alpha=ev.alpha, samples=ev.bootstrap_samples,
-        seed=config.data.seed, red_flags=red_flags(run, config), baselines=counted_baselines(config),
+        seed=ev.seed, red_flags=red_flags(run, config), baselines=counted_baselines(config),
     )
     if ev.forgetting:
-        verdict.regression = {who: read_json(run.regression_metrics(who))["accuracy"] for who in ("base", "finetuned")}
+        verdict.regression = {who: RegressionMetrics.read(run.regression_metrics(who)).accuracy
+                              for who in ("base", "finetuned")}
     if (run.judge_summary).exists():
-        verdict.judge = {k: v for k, v in read_json(run.judge_summary).items() if k != "provenance"}
-    verdict.provenance = run.provenance(config.data.seed)
+        verdict.judge = JudgeSummary.read(run.judge_summary).figures()
+    verdict.provenance = Provenance.of(run, config.seeds)
     verdict.write(run.verdict)
 
 

@@ -1,4 +1,4 @@
-"""The run folder: its paths, atomic writes, the resolved config and provenance.
+"""The run folder: its paths, atomic writes and the resolved config (typed contents: artifacts.py).
 
 Every stage reads only what earlier stages wrote here and writes its own outputs atomically
 (temp file, then rename), so a crash or Ctrl-C never leaves a half-written artifact and a
@@ -181,24 +181,17 @@ class RunDir:
         return self.root / "train_summary.json"
 
     @property
+    def tracking(self) -> Path:
+        """The tracked run's id per backend, so a resumed training continues the same tracked run."""
+        return self.root / "tracking.json"
+
+    @property
     def verdict(self) -> Path:
         return self.root / "verdict.json"
 
     @property
     def report(self) -> Path:
         return self.root / "report.html"
-
-    def provenance(self, seed: int) -> dict[str, Any]:
-        """What every artifact carries: config hash, dataset version, libraries, seed."""
-        manifest = read_json(self.manifest) if self.manifest.exists() else {}
-        return {
-            "run": self.root.name,
-            "config_sha256": sha256_file(self.config) if self.config.exists() else None,
-            "dataset_version": manifest.get("version"),
-            "seed": seed,
-            "libraries": library_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
 
     def set_status(self, state: str, **extra: Any) -> None:
         atomic_write_json(self.status, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})

@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from rich.console import Console
 from rich.text import Text
 
+from tunewise.artifacts import DataManifest, TrainSummary
 from tunewise.config import Config, dump_config, load_config
 from tunewise.data import DataSettings
 from tunewise.errors import TunewiseError
@@ -233,7 +234,7 @@ def run_sweep(config_path: str | Path, grid_options: list[str], overrides: list[
         "overrides": list(overrides),
         "metric": METRIC,
         "note": METRIC_NOTE,
-        "dataset_version": manifest["version"],
+        "dataset_version": manifest.version,
         "trials": trials,
         "winner": None,
         "provenance": {"config_file": str(config_path.resolve()), "config_sha256": sha256_file(config_path),
@@ -271,7 +272,7 @@ def is_trained(run: RunDir) -> bool:
 
 def trial_result(run: RunDir) -> dict:
     """What the table shows, from the trial's train_summary.json."""
-    summary = read_json(run.train_summary)
+    summary = TrainSummary.read(run.train_summary).to_json()
     return {key: summary.get(key) for key in RESULT_KEYS}
 
 
@@ -291,7 +292,7 @@ def run_trials(root: Path, sweep: dict, console: Console) -> dict:
             current = trial
             run = trial_run(root, trial)
             config = load_config(run.config)
-            version = read_json(run.manifest).get("version") if run.manifest.exists() else None
+            version = DataManifest.read(run.manifest).version if run.manifest.exists() else None
             if version != sweep["dataset_version"]:
                 raise TunewiseError(
                     f"{trial['name']} has dataset {version}, not the sweep's {sweep['dataset_version']}: "

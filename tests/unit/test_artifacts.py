@@ -1,6 +1,11 @@
-"""What a weights folder holds, read once: LoRA, DoRA, prompt tuning, a whole model, nothing."""
+"""Typed run-folder files: what a weights folder holds (LoRA, DoRA, prompt tuning, a whole model,
+nothing); every JSON artifact round-trips through its type; a run folder written before the types
+(tests/fixtures/older_run, made by commit 64adf20's `tools/run_digest.py --keep`) is still read."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +74,69 @@ def test_verdict_round_trips_and_older_or_foreign_files_are_read_or_refused(tmp_
         with pytest.raises(TunewiseError) as err:
             Verdict.read(path)
         assert message in str(err.value) and str(path) in str(err.value)
+
+
+OLDER_RUN = Path(__file__).parents[1] / "fixtures" / "older_run"
+
+
+def test_every_artifact_round_trips_through_its_type(tmp_path):
+    from tests.helpers import train_summary, write_arm_metrics, write_manifest, write_weights_record
+    from tunewise.artifacts import ArmMetrics, DataManifest, Provenance, RegressionMetrics, Seeds, WeightsRecord
+    from tunewise.runs import RunDir
+
+    write_manifest(tmp_path / "manifest.json", "ds-9")
+    assert DataManifest.read(tmp_path / "manifest.json").to_json() == json.loads((tmp_path / "manifest.json").read_text())
+    write_arm_metrics(tmp_path / "m.json", "few_shot", "accuracy", {"accuracy": {"mean": 0.5, "low": 0.2, "high": 0.8}})
+    metrics = ArmMetrics.read(tmp_path / "m.json")
+    assert metrics.primary_mean == 0.5 and ArmMetrics.from_json(metrics.to_json()) == metrics
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text("task: {name: x}\n")
+    write_manifest(run.manifest, "ds-9")
+    provenance = Provenance.of(run, Seeds(data=1, eval=2, train=3))
+    assert provenance.seeds == {"data": 1, "eval": 2, "train": 3} and provenance.dataset_version == "ds-9"
+    regression = RegressionMetrics(who="base", n=3, accuracy={"mean": 1.0, "low": 1.0, "high": 1.0},
+                                   by_category={"math": 1.0}, model="m", provenance=provenance)
+    regression.write(tmp_path / "r.json")
+    assert RegressionMetrics.read(tmp_path / "r.json") == regression
+    write_weights_record(tmp_path, dataset_version="ds-9", train=train_summary(method="dpo", lr=5e-5))
+    record = WeightsRecord.read(tmp_path / "tunewise.json")
+    assert record.train.method == "dpo" and WeightsRecord.from_json(record.to_json()) == record
+
+
+def test_a_run_folder_written_before_the_types_is_read(tmp_path):
+    import shutil
+
+    from rich.console import Console
+
+    from tunewise.artifacts import ArmMetrics, DataManifest, TrainSummary, Verdict, WeightsRecord
+    from tunewise.deploy.registry import Registry
+    from tunewise.pipeline import resume_pipeline
+
+    run_dir = shutil.copytree(OLDER_RUN, tmp_path / "20261202-171951-tiny")
+    record = WeightsRecord.read(run_dir / "adapter" / "tunewise.json")  # provenance at the top level then
+    assert record.provenance.seeds == {"stage": 0} and record.provenance.dataset_version == "20e217b157c0fed6"
+    assert record.train == TrainSummary.read(run_dir / "train_summary.json") and record.chat is not None
+    metrics = ArmMetrics.read(run_dir / "metrics" / "finetuned.json")
+    assert metrics.provenance.seeds == {"stage": 0} and metrics.primary == "json_exact"
+    assert DataManifest.read(run_dir / "data" / "manifest.json").version == "20e217b157c0fed6"
+    before = Verdict.read(run_dir / "verdict.json")
+    for stage in ("verdict", "report"):  # today's stages on yesterday's files
+        resume_pipeline(run_dir, Console(quiet=True), only=stage)
+    after = Verdict.read(run_dir / "verdict.json")
+    assert after.means == before.means and after.decision == before.decision
+    assert after.provenance.seeds == {"data": 0, "eval": 0, "train": 0}
+    version = Registry(tmp_path / "registry").add("tiny", run_dir)
+    assert version.dataset_version == "20e217b157c0fed6" and version.decision == before.decision.value
+
+
+def test_a_foreign_file_is_refused_naming_it(tmp_path):
+    from tunewise.artifacts import ArmMetrics, TrainSummary
+
+    for cls, data, says in [(ArmMetrics, [1, 2], "is not a JSON object"),
+                            (TrainSummary, {"base": "x"}, "lacks method"), (ArmMetrics, "{", "is not JSON")]:
+        path = tmp_path / "f.json"
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        with pytest.raises(TunewiseError) as err:
+            cls.read(path)
+        assert says in str(err.value) and str(path) in str(err.value) and "fix:" in str(err.value)

@@ -120,13 +120,13 @@ def test_split_is_80_10_10_stratified_disjoint_and_hashed(tmp_path, tokenizer):
     settings = DataSettings(**FAST)
     prepared = prepare([path], settings, chat=ChatFormat.build(tokenizer, model="smollm2"))
     manifest = write_prepared(prepared, tmp_path / "data", settings, preview=["<|im_start|>user ..."])
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert (counts["train"], counts["val"], counts["test"], counts["rejected"], counts["read"]) == (160, 20, 20, 1, 201)
-    assert manifest["split_strategy"] == "stratified" and manifest["output_type"] == "json"
+    assert manifest.split_strategy == "stratified" and manifest.output_type == "json"
     sources = {}
     for split in ("train", "val", "test"):
         file = tmp_path / "data" / f"{split}.jsonl"
-        assert manifest["sha256"][split] == sha256_file(file)
+        assert manifest.sha256[split] == sha256_file(file)
         sources[split] = [json.loads(line) for line in file.read_text().splitlines()]
     ids = {k: {r["source"] for r in v} for k, v in sources.items()}
     assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["val"])
@@ -137,13 +137,13 @@ def test_split_is_80_10_10_stratified_disjoint_and_hashed(tmp_path, tokenizer):
         assert abs(test[label] - n * 20 / 200) <= 1
     rejected = [json.loads(line) for line in (tmp_path / "data" / "rejected.jsonl").read_text().splitlines()]
     assert rejected[0]["line"] == 201
-    assert "tokens" in manifest["stats"] and manifest["stats"]["tokens"]["max"] > 10
+    assert "tokens" in manifest.stats and manifest.stats["tokens"]["max"] > 10
     html = (tmp_path / "data" / "report.html").read_text()
-    assert manifest["version"] in html and "data:image/png;base64," in html and "oops" not in html
+    assert manifest.version in html and "data:image/png;base64," in html and "oops" not in html
     again = write_prepared(prepared, tmp_path / "data2", settings, preview=[])
-    assert again["version"] == manifest["version"]
+    assert again.version == manifest.version
     other = prepare([path], DataSettings(**FAST, seed=1))
-    assert write_prepared(other, tmp_path / "data3", settings, preview=[])["version"] != manifest["version"]
+    assert write_prepared(other, tmp_path / "data3", settings, preview=[]).version != manifest.version
 
 
 def test_near_duplicates_are_clustered_and_reported(tmp_path):
@@ -238,11 +238,11 @@ def test_dataset_version_depends_on_content_not_on_the_folder(tmp_path):
         (tmp_path / folder).mkdir()
         path = write_jsonl(tmp_path / folder / "d.jsonl", rows)
         settings = DataSettings(**FAST)
-        versions.append(write_prepared(prepare([path], settings), tmp_path / folder / "out", settings, preview=[])["version"])
+        versions.append(write_prepared(prepare([path], settings), tmp_path / folder / "out", settings, preview=[]).version)
     assert versions[0] == versions[1]
     changed = write_jsonl(tmp_path / "c.jsonl", label_rows(60, seed=1))
     other = write_prepared(prepare([changed], DataSettings(**FAST)), tmp_path / "c", DataSettings(**FAST), preview=[])
-    assert other["version"] != versions[0]
+    assert other.version != versions[0]
 
 
 # ---- real users' files (issue 13) -------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_the_data_report_explains_every_removal(tmp_path):
     prepared = prepare([path], settings)
     manifest = write_prepared(prepared, tmp_path / "out", settings, preview=[])
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
-    assert manifest["conflicts"] == prepared.conflicts and manifest["shared_phrasing"]
+    assert manifest.conflicts == prepared.conflicts and manifest.shared_phrasing
     for text in ("Conflicting labels", "Shared phrasing", "a.jsonl:122", "a.jsonl:6", "whitespace and case aside",
                  prepared.shared_phrasing[0]["text"][:30], prepared.contaminated[0]["how"]):
         assert text in html, text

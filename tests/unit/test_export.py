@@ -12,7 +12,15 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.helpers import has_llamacpp, needs_llamacpp
+from tests.helpers import (
+    has_llamacpp,
+    needs_llamacpp,
+    train_summary,
+    write_arm_metrics,
+    write_manifest,
+    write_weights_record,
+)
+from tunewise.artifacts import WeightsRecord
 from tunewise.deploy import export as export_mod
 from tunewise.deploy import llamacpp, ollama
 from tunewise.deploy.export import export_run, stop_ids
@@ -42,12 +50,11 @@ def write_fake_run(
         "lora: {r: 4, target_modules: all-linear}\n",
         encoding="utf-8",
     )
-    atomic_write_json(run.manifest, {"version": "ds-1234abcd", "counts": {"train": 40, "val": 5, "test": 5},
-                                     "split_strategy": "random"})
+    write_manifest(run.manifest, "ds-1234abcd", counts={"train": 40, "val": 5, "test": 5})
     for arm, mean in {"zero_shot": 0.2, "finetuned": 0.8}.items():
-        atomic_write_json(run.metrics(arm), {"primary": "json_exact", "metrics": {
+        write_arm_metrics(run.metrics(arm), arm, "json_exact", {
             "json_exact": {"mean": mean, "low": mean - 0.1, "high": mean + 0.1},
-            "json_valid": {"mean": 1.0, "low": 1.0, "high": 1.0}}})
+            "json_valid": {"mean": 1.0, "low": 1.0, "high": 1.0}})
     atomic_write_json(run.verdict, {
         "decision": "SHIP", "reason": "the fine-tune beats zero-shot prompting by +0.600.",
         "primary_metric": "json_exact", "best_baseline": "zero_shot", "means": {"zero_shot": 0.2, "finetuned": 0.8},
@@ -65,7 +72,7 @@ def write_fake_run(
             torch.nn.init.normal_(param, std=lora_std)
     model.save_pretrained(run.adapter)
     tokenizer.save_pretrained(run.adapter)
-    atomic_write_json(run.adapter / "tunewise.json", {"dataset_version": "ds-1234abcd", "config_sha256": "c0ffee"})
+    write_weights_record(run.adapter, dataset_version="ds-1234abcd", config_sha256="c0ffee")
     run.split("test").parent.mkdir(parents=True, exist_ok=True)
     run.split("test").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": item}, {"role": "assistant", "content": '{"section": "x"}'}],
@@ -134,7 +141,7 @@ def test_merged_folder_is_a_standard_transformers_folder(exported, tokenizer):
     assert generation["pad_token_id"] == tokenizer.pad_token_id
     reloaded = AutoTokenizer.from_pretrained(merged)
     assert reloaded.chat_template == tokenizer.chat_template
-    assert json.loads((merged / "tunewise.json").read_text())["merged_dtype"] == "float32"
+    assert WeightsRecord.read(merged / "tunewise.json").export["merged_dtype"] == "float32"
 
 
 def test_stop_tokens_cover_the_end_of_turn_token_when_it_is_not_eos(tokenizer):
@@ -165,17 +172,15 @@ def test_model_card_says_what_was_shipped_and_why(exported, tiny_model_dir):
 ])
 def test_model_card_states_the_method_and_learning_rate_training_used(method, lr, says, trained_run):
     from tunewise.config import load_config
-    from tunewise.runs import read_json
 
     config = load_config(trained_run.config)  # no train.lr, no method: the defaults
-    saved = read_json(trained_run.adapter / "tunewise.json")
-    summary = {"method": method, "lr": lr, "epochs": 2, "steps": 10, "train_examples": 40, "best_val_loss": 0.5,
-               "best_step": 8}
-    atomic_write_json(trained_run.adapter / "tunewise.json", {**saved, "train": summary})
+    saved = (trained_run.adapter / "tunewise.json").read_bytes()
+    write_weights_record(trained_run.adapter, dataset_version="ds-1234abcd", config_sha256="c0ffee",
+                         train=train_summary(method=method, lr=lr))
     try:
         card = export_mod.model_card(trained_run, config, None, dtype=torch.float32, files=[])
     finally:
-        atomic_write_json(trained_run.adapter / "tunewise.json", saved)
+        (trained_run.adapter / "tunewise.json").write_bytes(saved)
     assert says in card and f"learning rate {lr:g}" in card and "None" not in card
     if method != "lora":
         assert "LoRA supervised" not in card

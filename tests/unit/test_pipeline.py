@@ -7,7 +7,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from tunewise.artifacts import Verdict
+from tunewise.artifacts import DataManifest, TrainSummary, Verdict, WeightsRecord
 from tunewise.pipeline import resume_pipeline, run_pipeline
 from tunewise.runs import read_json
 
@@ -50,8 +50,9 @@ def test_run_writes_every_stage_artifact(finished_run):
     assert any("fewer than 200" in w for w in read_json(run.decision)["warnings"])
     html = run.report.read_text()
     assert verdict.decision.value in html and "data:image/png;base64," in html and "few_shot" in html
-    provenance = json.loads((run.adapter / "tunewise.json").read_text())
-    assert provenance["dataset_version"] == read_json(run.manifest)["version"]
+    record = WeightsRecord.read(run.adapter / "tunewise.json")
+    assert record.provenance.dataset_version == DataManifest.read(run.manifest).version
+    assert record.provenance.seeds == {"data": 0, "eval": 0, "train": 0}
 
 
 def test_adapter_loads_in_plain_peft_and_only_lora_weights_changed(finished_run):
@@ -82,9 +83,9 @@ def test_validation_loss_fell_and_best_checkpoint_is_kept(finished_run):
     run, _, _ = finished_run
     rows = [json.loads(line) for line in run.train_log.read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    summary = read_json(run.train_summary)
-    assert summary["best_val_loss"] == min(vals) < vals[0]
-    assert json.loads((run.adapter / "tunewise.json").read_text())["train"]["best_step"] == summary["best_step"]
+    summary = TrainSummary.read(run.train_summary)
+    assert summary.best_val_loss == min(vals) < vals[0]
+    assert WeightsRecord.read(run.adapter / "tunewise.json").train == summary
 
 
 def test_resume_skips_finished_stages_and_reruns_a_missing_one(finished_run):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import write_verdict
+from tests.helpers import train_summary, write_manifest, write_verdict, write_weights_record
 from tunewise.deploy.registry import NO_SHIP, SHIP, Registry, Route, check_name, pick
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir
@@ -32,10 +32,7 @@ def make_run(folder: Path, *, seed: int = 0, decision: str | None = SHIP, datase
     (run.adapter / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))
     (run.adapter / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
-    provenance = {"run": folder.name, "train": {"base": "tiny-llama"}}
-    if dataset is not None:
-        provenance["dataset_version"] = dataset
-    (run.adapter / "tunewise.json").write_text(json.dumps(provenance))
+    write_weights_record(run.adapter, dataset_version=dataset, train=train_summary(base="tiny-llama"))
     gen = torch.Generator().manual_seed(seed)
     tensors = {
         "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 8, generator=gen),
@@ -51,7 +48,7 @@ def make_run(folder: Path, *, seed: int = 0, decision: str | None = SHIP, datase
         (run.adapter / name).write_bytes(data)
     if manifest_version is not None:
         run.data.mkdir()
-        (run.manifest).write_text(json.dumps({"version": manifest_version, "counts": {"train": 10}}))
+        write_manifest(run.manifest, manifest_version)
     if decision is not None:
         write_verdict(run.verdict, decision, primary="exact_match", best="few_shot",
                       reason="few-shot prompting reaches 0.600 on exact_match; the fine-tune reaches 0.550"

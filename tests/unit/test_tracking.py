@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tests.helpers import write_manifest
 from tunewise.config import Config, dump_config
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, atomic_write_json, read_json
-from tunewise.train.tracking import TRACKING_FILE, flat_config, open_tracker
+from tunewise.train.tracking import flat_config, open_tracker
 
 RUN_NAME = "20260101-120000-tiny"
 ROWS = [
@@ -50,7 +51,7 @@ def make_run(runs: Path, config: Config) -> RunDir:
     run = RunDir(runs / RUN_NAME)
     run.root.mkdir(parents=True, exist_ok=True)
     run.config.write_text(dump_config(config), encoding="utf-8")
-    atomic_write_json(run.manifest, {"version": "ds-3f2a9c"})
+    write_manifest(run.manifest, "ds-3f2a9c")
     run.train_log.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     atomic_write_json(run.train_summary, SUMMARY)
     run.adapter.mkdir(exist_ok=True)
@@ -97,7 +98,7 @@ def test_mlflow_run_holds_params_metrics_provenance_and_artifacts(runs):
 
     client, found = mlflow_run(runs)
     run_id = found.info.run_id
-    assert read_json(run.root / TRACKING_FILE)["mlflow"]["run_id"] == run_id
+    assert read_json(run.tracking)["mlflow"]["run_id"] == run_id
     assert found.info.status == "FINISHED"
     params = found.data.params
     assert params["train.seed"] == "7" and params["method"] == "lora" and params["track"] == "mlflow"
@@ -163,7 +164,7 @@ def test_unreadable_store_is_a_clear_error_at_open(runs):
         train(config, run)
     text = str(err.value)
     assert str(runs.resolve() / "mlflow.db") in text and "track: none" in text
-    assert not (run.root / TRACKING_FILE).exists()
+    assert not (run.tracking).exists()
 
 
 def test_store_failing_during_training_warns_once_and_training_goes_on(runs):
@@ -200,7 +201,7 @@ def test_mlflow_server_shows_the_run(runs, tmp_path):
     config = make_config("mlflow")
     run = make_run(runs, config)
     train(config, run)
-    run_id = read_json(run.root / TRACKING_FILE)["mlflow"]["run_id"]
+    run_id = read_json(run.tracking)["mlflow"]["run_id"]
 
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -291,7 +292,7 @@ def test_wandb_offline_run_holds_config_history_summary_and_resumes(runs, tmp_pa
     time.sleep(1 - time.time() % 1)  # session folders are named to the second; a real resume is never this quick
     printed = train(config, run, ROWS[2:])  # tunewise train --resume
 
-    run_id = read_json(run.root / TRACKING_FILE)["wandb"]["run_id"]
+    run_id = read_json(run.tracking)["wandb"]["run_id"]
     folders = sorted((run.root / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)  # one W&B run, two sessions
     assert f"wandb sync {run.root.resolve()}/wandb/offline-run-*-{run_id}" in printed
@@ -320,7 +321,7 @@ def test_bad_wandb_mode_is_a_clear_error_at_open(runs, tmp_path, monkeypatch):
     with pytest.raises(TunewiseError) as err:
         train(config, run)
     assert "'bogus'" in str(err.value) and "fix: check WANDB_MODE" in str(err.value)
-    assert not (run.root / TRACKING_FILE).exists()
+    assert not (run.tracking).exists()
 
 
 # --- TensorBoard and none

@@ -1,6 +1,12 @@
 """The data stage: formats, validation, cleaning, splitting, statistics (see DESIGN.md)."""
 
-from tunewise.data.formats import FORMATS, Problem, detect_format, parse_mapping, read_examples
+from tunewise.data.formats import (
+    FORMATS,
+    Problem,
+    detect_format,
+    parse_mapping,
+    read_examples,
+)
 from tunewise.data.prepare import (
     SPLITS,
     DataSettings,

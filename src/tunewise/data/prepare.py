@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from tunewise import __version__
+from tunewise.artifacts import DataManifest
 from tunewise.data import similar, stats
 from tunewise.data.clean import answer_key, conflicting_labels, drop_exact_duplicates
 from tunewise.data.formats import Problem, read_examples
@@ -31,7 +32,12 @@ from tunewise.data.outputs import detect_output_type, label_of
 from tunewise.data.records import Example, with_system
 from tunewise.data.split import group_split, random_split, stratified_split, time_split
 from tunewise.errors import TunewiseError
-from tunewise.runs import atomic_write_json, atomic_write_jsonl, replace_dir, sha256_file
+from tunewise.runs import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    replace_dir,
+    sha256_file,
+)
 
 SPLITS = ("train", "val", "test")
 MAX_STRATA = 50  # more distinct outputs than this are not a label set
@@ -310,7 +316,7 @@ def preview_rows(chat, examples: list[Example], system_prompt: str, n: int = 3) 
     return [chat.render(with_system(e.messages, system_prompt), generation_prompt=False) for e in examples[:n]]
 
 
-def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, preview: list[str]) -> dict:
+def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, preview: list[str]) -> DataManifest:
     """Write splits, rejected.jsonl, manifest.json and report.html into `out_dir` atomically."""
     from tunewise.report.data_report import write_data_report
 
@@ -342,7 +348,7 @@ def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, previe
     write_data_report(prepared, manifest, tmp / "report.html", preview=preview)
     atomic_write_json(tmp / "manifest.json", manifest)
     replace_dir(tmp, out_dir)
-    return manifest
+    return DataManifest.from_json(manifest)
 
 
 def dataset_version(manifest: dict) -> str:

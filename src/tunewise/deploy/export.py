@@ -32,13 +32,30 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from tunewise.artifacts import Verdict, Weights, WeightsKind, weights_in
+from tunewise.artifacts import (
+    ArmMetrics,
+    DataManifest,
+    Provenance,
+    TrainSummary,
+    Verdict,
+    Weights,
+    WeightsKind,
+    WeightsRecord,
+    weights_in,
+)
 from tunewise.config import Config, load_config
 from tunewise.deploy import llamacpp, ollama
 from tunewise.errors import TunewiseError
 from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
 from tunewise.progress import progress_bar
-from tunewise.runs import RunDir, atomic_write_json, atomic_write_text, open_run_dir, read_json, replace_dir
+from tunewise.runs import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    open_run_dir,
+    read_json,
+    replace_dir,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -173,7 +190,7 @@ def export_run(
             written[kind] = out / name
         if merge:
             atomic_write_text(merged / "README.md", card)
-            atomic_write_json(merged / "tunewise.json", _provenance(run, config, dtype, files))
+            _record(run, config, dtype, files).write(merged / "tunewise.json")
             replace_dir(merged, out / "merged")
             written["merged"] = out / "merged"
             written["card"] = out / "merged" / "README.md"
@@ -298,10 +315,12 @@ def _warn_unless_shipped(verdict: Verdict | None, run: RunDir, console: Console)
                                     f"{verdict.reason}"))
 
 
-def _provenance(run: RunDir, config: Config, dtype: torch.dtype, files: list[str]) -> dict:
-    adapter = read_json(run.adapter_provenance) if (run.adapter_provenance).exists() else {}
-    return {**run.provenance(config.train.seed), "adapter": adapter, "base": config.model.base,
-            "merged_dtype": str(dtype).removeprefix("torch."), "files": files}
+def _record(run: RunDir, config: Config, dtype: torch.dtype, files: list[str]) -> WeightsRecord:
+    """The merged model's tunewise.json: the adapter's record (step, chat format, training) plus the export's."""
+    record = WeightsRecord.read(run.adapter_provenance)
+    record.export = {"provenance": Provenance.of(run, config.seeds).to_json(),
+                     "merged_dtype": str(dtype).removeprefix("torch."), "files": files}
+    return record
 
 
 # --- the model card ---------------------------------------------------------------------------
@@ -316,7 +335,7 @@ def _ci(stat: dict | None) -> str:
 
 def metric_table(run: RunDir, arms: list[str]) -> str:
     """Markdown table: one row per metric, one column per arm, mean [95% CI] on the test split."""
-    metrics = {arm: read_json(run.metrics(arm))["metrics"] for arm in arms if run.metrics(arm).exists()}
+    metrics = {arm: ArmMetrics.read(run.metrics(arm)).metrics for arm in arms if run.metrics(arm).exists()}
     if not metrics:
         return "No metrics were found in the run folder.\n"
     arms = list(metrics)
@@ -330,11 +349,11 @@ METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (4-bit NF4 base)
                 "orpo": "LoRA trained with ORPO"}
 
 
-def _method(adapter: Path, summary: dict) -> str:
+def _method(adapter: Path, summary: TrainSummary | None) -> str:
     """The method as training ran it: the method and learning rate training resolved (its summary in
     the adapter's tunewise.json) and the LoRA shape PEFT saved (adapter_config.json), not the
     config's unset defaults."""
-    method = summary.get("method", "lora")
+    method = summary.method if summary is not None else "lora"
     if method == "full":
         text = "full fine-tuning (every weight)"
     else:
@@ -344,12 +363,16 @@ def _method(adapter: Path, summary: dict) -> str:
         targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
         text = (f"{METHOD_NAMES.get(method, method)} (r={peft.get('r')}, alpha={peft.get('lora_alpha')}, "
                 f"dropout={peft.get('lora_dropout')}, target modules: {targets})")
-    text += f", learning rate {summary['lr']:g}" if summary.get("lr") is not None else ""
-    if summary:
-        text += (f", {summary.get('epochs')} epoch(s), {summary.get('steps')} steps on {summary.get('train_examples')} "
-                 f"examples; best validation loss {summary.get('best_val_loss', float('nan')):.4f} at step "
-                 f"{summary.get('best_step')} (kept)")
+    if summary is not None:
+        text += (f", learning rate {summary.lr:g}, {summary.epochs} epoch(s), {summary.steps} steps on "
+                 f"{summary.train_examples} examples; best validation loss {summary.best_val_loss:.4f} at step "
+                 f"{summary.best_step} (kept)")
     return text
+
+
+def _seeds(provenance: Provenance | None) -> str:
+    seeds = provenance.seeds if provenance else {}
+    return ", ".join(f"{k} {v}" for k, v in seeds.items()) or "n/a"
 
 
 def _verdict_section(verdict: Verdict | None) -> list[str]:
@@ -374,8 +397,8 @@ def _verdict_section(verdict: Verdict | None) -> list[str]:
     return lines + [""]
 
 
-def _limits(verdict: Verdict | None, config: Config, manifest: dict) -> list[str]:
-    counts = manifest.get("counts", {})
+def _limits(verdict: Verdict | None, config: Config, manifest: DataManifest | None) -> list[str]:
+    counts = manifest.counts if manifest else {}
     lines = ["## Limits", "",
              f"- Evaluated only on the held-out test split of the same data ({counts.get('test', '?')} items); "
              "performance on other inputs is unmeasured.",
@@ -407,10 +430,12 @@ def _parity_lines(parity: dict | None) -> list[str]:
 def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: torch.dtype, files: list[str],
                parity: dict | None = None) -> str:
     """README.md for the export: base, method, data version, verdict, metrics, intended use, limits."""
-    manifest = read_json(run.manifest) if run.manifest.exists() else {}
-    adapter = read_json(run.adapter_provenance) if (run.adapter_provenance).exists() else {}
-    dataset = manifest.get("version") or adapter.get("dataset_version") or "unknown"
-    counts = manifest.get("counts", {})
+    manifest = DataManifest.read(run.manifest) if run.manifest.exists() else None
+    record = WeightsRecord.read(run.adapter_provenance) if run.adapter_provenance.exists() else None
+    provenance = record.provenance if record is not None else None
+    dataset = (manifest.version if manifest else None) or (provenance.dataset_version if provenance else None) \
+        or "unknown"
+    counts = manifest.counts if manifest else {}
     arms = list(verdict.means) if verdict is not None else ["finetuned"]
     lines = [
         "---", f"base_model: {config.model.base}", "library_name: transformers",
@@ -418,11 +443,12 @@ def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: t
         f"# {config.task.name}: {config.model.base} fine-tuned with tunewise", "",
         "## Model", "",
         f"- Base model: `{config.model.base}`",
-        f"- Method: {_method(run.adapter, adapter.get('train', {}))}; merged into the base weights in float32 "
+        f"- Method: {_method(run.adapter, record.train if record else None)}; merged into the base weights in float32 "
         f"(PEFT `merge_and_unload`), saved in {str(dtype).removeprefix('torch.')}",
         f"- Dataset version: `{dataset}` (train/val/test: {counts.get('train', '?')}/{counts.get('val', '?')}/"
-        f"{counts.get('test', '?')} examples, {manifest.get('split_strategy', '?')} split)",
-        f"- Run: `{run.root.name}`; config sha256 `{adapter.get('config_sha256', 'n/a')}`; seed {config.train.seed}",
+        f"{counts.get('test', '?')} examples, {manifest.split_strategy if manifest else '?'} split)",
+        f"- Run: `{run.root.name}`; config sha256 `{provenance.config_sha256 if provenance else 'n/a'}`; "
+        f"seeds {_seeds(provenance)}",
         f"- Files: {', '.join(f'`{f}`' for f in files)}", *_parity_lines(parity), "",
         *_verdict_section(verdict),
         "## Metrics", "", "Mean on the held-out test split, with 95% bootstrap interval.", "",
@@ -436,7 +462,7 @@ def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: t
         *_limits(verdict, config, manifest),
         "## Provenance", "",
         "Libraries at training time: "
-        + (", ".join(f"{k} {v}" for k, v in adapter.get("libraries", {}).items()) or "n/a") + ".",
+        + (", ".join(f"{k} {v}" for k, v in (provenance.libraries if provenance else {}).items()) or "n/a") + ".",
         "",
     ]
     return "\n".join(lines)

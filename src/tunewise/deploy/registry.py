@@ -36,9 +36,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunewise.artifacts import Decision, Verdict, weights_in
+from tunewise.artifacts import (
+    DataManifest,
+    Decision,
+    Verdict,
+    WeightsRecord,
+    weights_in,
+)
 from tunewise.errors import TunewiseError
-from tunewise.runs import RunDir, read_json, sha256_file
+from tunewise.runs import RunDir, sha256_file
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -271,17 +277,17 @@ def _adapter_files(folder: Path) -> tuple[list[Path], list[str]]:
 
 def _run_record(run: RunDir) -> dict[str, Any]:
     """What the registry records about a run: dataset version, base model, the verdict's figures."""
-    provenance = _json_or_none(run.adapter_provenance) or {}
-    manifest = _json_or_none(run.manifest) or {}
+    record = WeightsRecord.read(run.adapter_provenance) if run.adapter_provenance.is_file() else None
+    provenance = record.provenance if record is not None else None
+    manifest = DataManifest.read(run.manifest) if run.manifest.is_file() else None
     verdict = Verdict.read(run.verdict) if run.verdict.exists() else None
     decision = verdict.decision.value if verdict else None
     primary, best = (verdict.primary_metric, verdict.best_baseline) if verdict else (None, None)
     means = verdict.means if verdict else {}
-    train = provenance.get("train") if isinstance(provenance.get("train"), dict) else {}
     return {
         # the adapter's own provenance says what it was trained on; the manifest may be newer
-        "dataset_version": provenance.get("dataset_version") or manifest.get("version"),
-        "base": train.get("base"),
+        "dataset_version": (provenance.dataset_version if provenance else None) or (manifest.version if manifest else None),
+        "base": record.train.base if record is not None and record.train is not None else None,
         "decision": decision,
         "reason": verdict.reason if verdict else None,
         "primary_metric": primary,
@@ -289,18 +295,6 @@ def _run_record(run: RunDir) -> dict[str, Any]:
         "best_baseline": best,
         "baseline": _float_or_none(means.get(best)) if best else None,
     }
-
-
-def _json_or_none(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        data = read_json(path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TunewiseError(f"not valid JSON ({err})", file=path, fix="re-run the stage that writes it") from None
-    if not isinstance(data, dict):
-        raise TunewiseError("expected a JSON object", file=path, fix="re-run the stage that writes it")
-    return data
 
 
 def _float_or_none(value: Any) -> float | None:

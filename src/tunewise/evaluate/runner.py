@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tunewise.artifacts import WeightsKind, weights_in
+from tunewise.artifacts import (
+    ArmMetrics,
+    DataManifest,
+    Provenance,
+    RegressionMetrics,
+    WeightsKind,
+    weights_in,
+)
 from tunewise.config import Config, EndpointConfig
 from tunewise.data import Example, load_split
 from tunewise.data.outputs import normalize_label, parse_json
@@ -22,7 +29,12 @@ from tunewise.data.records import Message
 from tunewise.errors import TunewiseError
 from tunewise.evaluate import forgetting
 from tunewise.evaluate.arms import build_prompts, pick_shots
-from tunewise.evaluate.cache import GenerationCache, cached_generate, default_path, model_fingerprint
+from tunewise.evaluate.cache import (
+    GenerationCache,
+    cached_generate,
+    default_path,
+    model_fingerprint,
+)
 from tunewise.evaluate.endpoint import Endpoint, chat_many
 from tunewise.evaluate.generate import generate
 from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
@@ -31,7 +43,7 @@ from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
 from tunewise.models import Answer, ChatFormat, base_chat, load_model, resolve_base
 from tunewise.models.chat import split_reasoning
 from tunewise.models.device import placement
-from tunewise.runs import RunDir, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from tunewise.runs import RunDir, atomic_write_jsonl, read_jsonl
 
 GENERATION_VERSION = 3  # bump when generation changes outputs (2: adapters unmerged; 3: the family's stop tokens)
 MAX_CONFUSION_LABELS = 20
@@ -109,7 +121,7 @@ def generate_cached(
 
 def output_type(run: RunDir) -> str:
     """The data stage decided it (from the config or the outputs); the manifest says which."""
-    return read_json(run.manifest)["output_type"]
+    return DataManifest.read(run.manifest).output_type
 
 
 def max_new_tokens(config: Config, tokenizer, train: list[Example]) -> int:
@@ -171,10 +183,11 @@ def confusions(kind: str, outputs: list[str], references: list[str]) -> dict[str
     return out
 
 
-def arm_metrics(
+def metric_intervals(
     scores: list[dict[str, float]], outputs: list[str], references: list[str], *, kind: str, samples: int,
     alpha: float, seed: int,
-) -> dict:
+) -> dict[str, dict[str, float]]:
+    """Every metric's bootstrap interval over the items (macro-F1 for labels too)."""
     names = list(dict.fromkeys(k for s in scores for k in s))
     metrics = {}
     for name in names:
@@ -185,8 +198,7 @@ def arm_metrics(
             lambda idx: macro_f1([outputs[i] for i in idx], [references[i] for i in idx]),
             len(outputs), samples=min(samples, 500), alpha=alpha, seed=seed,
         ).to_dict()
-    return {"output_type": kind, "n": len(scores), "metrics": metrics,
-            "confusion": confusions(kind, outputs, references)}
+    return metrics
 
 
 def endpoint_of(cfg: EndpointConfig | object, where: str) -> Endpoint:
@@ -216,7 +228,7 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
     test = test_items(run, config)
     kind = output_type(run)
     budget = max_new_tokens(config, chat.tokenizer, train)
-    fixed = pick_shots(train, config.eval.few_shot_k, config.data.seed)
+    fixed = pick_shots(train, config.eval.few_shot_k, config.eval.seed)
     schema = None
     if kind == "json":
         schema = config.eval.json_schema or infer_schema([e.target for e in train])
@@ -239,18 +251,20 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
         ]
         atomic_write_jsonl(run.predictions(arm), rows)
         ev = config.eval
-        metrics = arm_metrics(scores, outputs, references, kind=kind, samples=ev.bootstrap_samples, alpha=ev.alpha,
-                              seed=config.data.seed)
-        primary = primary_metric(config, kind, list(metrics["metrics"]), run.config)
-        metrics.update(arm=arm, primary=primary, model=gen.fingerprint,
-                       shots=[s.source for s in fixed] if arm == "few_shot" else [], json_schema=schema,
-                       max_new_tokens=budget, provenance=run.provenance(config.data.seed))
-        atomic_write_json(run.metrics(arm), metrics)
-        value = metrics["metrics"][primary]
+        intervals = metric_intervals(scores, outputs, references, kind=kind, samples=ev.bootstrap_samples,
+                                     alpha=ev.alpha, seed=ev.seed)
+        metrics = ArmMetrics(
+            output_type=kind, n=len(scores), metrics=intervals, confusion=confusions(kind, outputs, references),
+            arm=arm, primary=primary_metric(config, kind, list(intervals), run.config), model=gen.fingerprint,
+            shots=[s.source for s in fixed] if arm == "few_shot" else [], json_schema=schema,
+            max_new_tokens=budget, provenance=Provenance.of(run, config.seeds))
+        metrics.write(run.metrics(arm))
+        primary, value = metrics.primary, metrics.interval()
         console.print(f"  {arm}: {primary} = {value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
 
 
-def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerator, console: Console) -> dict:
+def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerator,
+                        console: Console) -> RegressionMetrics:
     """Score base or fine-tune on tunewise's general regression set (the forgetting check)."""
     items = forgetting.load_regression_set()
     raw = generate_cached(gen, open_cache(config), forgetting.prompts(items), forgetting.MAX_NEW_TOKENS, console,
@@ -262,14 +276,14 @@ def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerat
         for it, o, s in zip(items, outputs, scores)
     ])
     interval = bootstrap_ci(scores, samples=config.eval.bootstrap_samples, alpha=config.eval.alpha,
-                            seed=config.data.seed)
+                            seed=config.eval.seed)
     by_category: dict[str, list[float]] = {}
     for it, s in zip(items, scores):
         by_category.setdefault(it.category, []).append(s)
-    metrics = {"who": who, "n": len(items), "accuracy": interval.to_dict(),
-               "by_category": {c: sum(v) / len(v) for c, v in by_category.items()},
-               "model": gen.fingerprint, "provenance": run.provenance(config.data.seed)}
-    atomic_write_json(run.regression_metrics(who), metrics)
+    metrics = RegressionMetrics(who=who, n=len(items), accuracy=interval.to_dict(),
+                                by_category={c: sum(v) / len(v) for c, v in by_category.items()},
+                                model=gen.fingerprint, provenance=Provenance.of(run, config.seeds))
+    metrics.write(run.regression_metrics(who))
     console.print(f"  regression set ({who}): accuracy {interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]")
     return metrics
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunewise.artifacts import ArmMetrics
 
 
 def _pyplot():
@@ -44,13 +48,13 @@ def loss_plot(log_rows: list[dict]) -> str | None:
     return png(fig)
 
 
-def metric_plot(arms: dict[str, dict], metric: str) -> str:
+def metric_plot(arms: dict[str, "ArmMetrics"], metric: str) -> str:
     plt = _pyplot()
 
     names = list(arms)
-    means = [arms[a]["metrics"][metric]["mean"] for a in names]
-    lows = [m - arms[a]["metrics"][metric]["low"] for a, m in zip(names, means)]
-    highs = [arms[a]["metrics"][metric]["high"] - m for a, m in zip(names, means)]
+    means = [arms[a].interval(metric)["mean"] for a in names]
+    lows = [m - arms[a].interval(metric)["low"] for a, m in zip(names, means)]
+    highs = [arms[a].interval(metric)["high"] - m for a, m in zip(names, means)]
     fig, ax = plt.subplots(figsize=(6, 0.6 + 0.55 * len(names)))
     colors = ["#4C72B0" if a != "finetuned" else "#DD8452" for a in names]
     ax.barh(names, means, xerr=[lows, highs], color=colors, capsize=4)
@@ -144,7 +148,7 @@ def metrics_grid_plot(arms: dict[str, dict], metrics: list[str]) -> str:
     fig, axes = plt.subplots(rows, columns, figsize=(11, rows * (0.5 + 0.32 * len(names))), squeeze=False)
     colors = ["#DD8452" if a == "finetuned" else "#4C72B0" for a in names]
     for ax, metric in zip(axes.flat, metrics):
-        values = [arms[a]["metrics"].get(metric, {"mean": 0.0, "low": 0.0, "high": 0.0}) for a in names]
+        values = [arms[a].metrics.get(metric, {"mean": 0.0, "low": 0.0, "high": 0.0}) for a in names]
         means = [v["mean"] for v in values]
         err = [[m - v["low"] for m, v in zip(means, values)], [v["high"] - m for m, v in zip(means, values)]]
         ax.barh(names, means, xerr=err, color=colors, capsize=3)

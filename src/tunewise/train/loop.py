@@ -20,13 +20,13 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 from rich.console import Console
 
+from tunewise.artifacts import DataManifest, Provenance, TrainSummary, WeightsRecord
 from tunewise.config import PREFERENCE_METHODS, Config
 from tunewise.data import Example, load_split, with_system
 from tunewise.errors import TunewiseError
@@ -36,9 +36,7 @@ from tunewise.models.device import out_of_memory, placement
 from tunewise.progress import progress_bar
 from tunewise.runs import (
     RunDir,
-    atomic_write_json,
     atomic_write_jsonl,
-    read_json,
     replace_dir,
 )
 from tunewise.train.batches import collate, length_grouped_batches
@@ -58,36 +56,6 @@ from tunewise.train.methods import Trainable, build, learning_rate, peak_memory_
 from tunewise.train.preference import Pair, dpo_losses, encode_pair, orpo_losses
 
 NOT_IN_FINGERPRINT = ("save_every", "keep_checkpoints")  # how often state is saved, not what is learned
-
-
-@dataclass
-class TrainSummary:
-    base: str
-    method: str
-    dtype: str
-    lr: float
-    epochs: int
-    batch_size: int
-    grad_accum: int
-    max_seq_len: int
-    steps: int
-    train_examples: int
-    dropped_too_long: int
-    trainable_params: int
-    best_step: int
-    best_val_loss: float
-    first_val_loss: float
-    final_train_loss: float
-    tokens: int
-    seconds: float
-    tokens_per_second: float
-    step_tokens_per_second: float  # counting only the time inside optimizer steps
-    peak_memory_mib: float
-    gradient_checkpointing: bool
-    world_size: int
-    stopped_early: bool
-    resumed_from_step: int | None
-    fast_path: list[str]  # the CPU levers that were on (train/fast.py)
 
 
 def derive_batch_size(lengths: list[int], tokens_per_batch: int = 2048) -> int:
@@ -332,14 +300,14 @@ def tr_move(tr: Trainable, batch: dict) -> dict:
     return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
-def save_weights(tr: Trainable, chat: ChatFormat, target: Path, provenance: dict) -> None:
-    """The adapter (PEFT folder) or the whole model (full), with tokenizer and provenance, atomically."""
+def save_weights(tr: Trainable, chat: ChatFormat, target: Path, step: int, val_loss: float) -> None:
+    """The adapter (PEFT folder) or the whole model (full), with tokenizer and record, atomically."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tr.model.save_pretrained(tmp)
     chat.tokenizer.chat_template = chat.template  # the template trained with (a base model's default too)
     chat.tokenizer.save_pretrained(tmp)  # travels with the weights; its settings in tunewise.json "chat"
-    atomic_write_json(tmp / "tunewise.json", {**provenance, "chat": chat.record()})
+    WeightsRecord(step=step, val_loss=val_loss, chat=chat.record()).write(tmp / "tunewise.json")
     replace_dir(tmp, target)
 
 
@@ -411,7 +379,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
         "model.base": config.model.base, "task.system_prompt": config.task.system_prompt, "method": method,
         "chat_template (sha256)": hashlib.sha256(chat.template.encode()).hexdigest(),
         "chat_template_kwargs": chat.kwargs,
-        "dataset_version": read_json(run.manifest).get("version") if run.manifest.exists() else None,
+        "dataset_version": DataManifest.read(run.manifest).version if run.manifest.exists() else None,
         **flat("lora", config.lora), **flat("train", hp, skip=NOT_IN_FINGERPRINT),
         **(flat("prompt_tuning", config.prompt_tuning) if method == "prompt_tuning" else {}),
         **(flat("preference", config.preference) if preference else {}),
@@ -467,11 +435,11 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
 
     if found:
         state = load_checkpoint(found[-1], tr.model, optimizer, scheduler)
-        best = read_json(best_dir / "tunewise.json") if (best_dir / "tunewise.json").exists() else None
-        if best is None:
+        if not (best_dir / "tunewise.json").exists():
             raise TunewiseError(f"{best_dir} is missing", fix=f"delete {run.checkpoints} to train this run again")
-        if best.get("step", -1) > state.best_step:  # a new best found after the checkpoint, before the kill
-            state.best_step, state.best_val = best["step"], best["val_loss"]
+        best = WeightsRecord.read(best_dir / "tunewise.json")
+        if best.step > state.best_step:  # a new best found after the checkpoint, before the kill
+            state.best_step, state.best_val = best.step, best.val_loss
         console.print(f"  resuming from {found[-1]} (step {state.step} of {total_steps})")
     else:
         first = validate()
@@ -479,7 +447,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
                              first_val=first["val_loss"], best_val=first["val_loss"], best_step=0,
                              log=[{"step": 0, "epoch": 0.0, **first}], fingerprint=fingerprint)
         if dist.main:
-            save_weights(tr, chat, best_dir, {"step": 0, "val_loss": first["val_loss"]})
+            save_weights(tr, chat, best_dir, 0, first["val_loss"])
     resumed_from = state.step if found else None
 
     # --- train: step k always takes the same batches (the epoch's seeded order, position k)
@@ -538,7 +506,7 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
                 if row["val_loss"] < state.best_val:
                     state.best_val, state.best_step = row["val_loss"], state.step
                     if dist.main:
-                        save_weights(tr, chat, best_dir, {"step": state.step, "val_loss": state.best_val})
+                        save_weights(tr, chat, best_dir, state.step, state.best_val)
             state.log.append(row)
             if tracker is not None:
                 tracker.log_metrics(row)
@@ -565,22 +533,22 @@ def train_model(run: RunDir, config: Config, console: Console) -> TrainSummary:
         if summary.stopped_early:
             console.print(f"  stopped early at step {state.step}: {hp.patience} validations without a new best")
         if dist.main:
-            finish(run, best_dir, summary, hp.seed, state.log)
+            finish(run, best_dir, summary, Provenance.of(run, config.seeds), state.log)
             if tracker is not None:
-                tracker.log_summary(asdict(summary), artifacts=[run.config, run.train_log, run.train_summary,
+                tracker.log_summary(summary.to_json(), artifacts=[run.config, run.train_log, run.train_summary,
                                                                 run.adapter])
     dist.barrier()
     return summary
 
 
-def finish(run: RunDir, best_dir: Path, summary: TrainSummary, seed: int, log: list[dict]) -> None:
+def finish(run: RunDir, best_dir: Path, summary: TrainSummary, provenance: Provenance, log: list[dict]) -> None:
+    """The best weights become the run's adapter, their record completed with provenance and summary."""
     atomic_write_jsonl(run.train_log, log)
-    saved = read_json(best_dir / "tunewise.json")
-    provenance = {"step": summary.best_step, "val_loss": summary.best_val_loss, **run.provenance(seed),
-                  "train": asdict(summary), "chat": saved.get("chat")}
-    atomic_write_json(best_dir / "tunewise.json", provenance)
+    record = WeightsRecord.read(best_dir / "tunewise.json")
+    record.provenance, record.train = provenance, summary
+    record.write(best_dir / "tunewise.json")
     tmp = run.adapter.with_name(".adapter.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(best_dir, tmp)
     replace_dir(tmp, run.adapter)
-    atomic_write_json(run.train_summary, asdict(summary))
+    summary.write(run.train_summary)

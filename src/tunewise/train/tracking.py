@@ -31,11 +31,11 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
+from tunewise.artifacts import Provenance
 from tunewise.config import Config, dump_config
 from tunewise.errors import TunewiseError
-from tunewise.runs import RunDir, atomic_write_json, library_versions, read_json
+from tunewise.runs import RunDir, atomic_write_json, read_json
 
-TRACKING_FILE = "tracking.json"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 _SHORT = 500  # longest non-numeric summary value logged as a tag
 
@@ -69,27 +69,27 @@ def _numeric(row: dict[str, Any]) -> dict[str, float]:
 
 
 def _provenance_tags(config: Config, run: RunDir) -> dict[str, str]:
-    prov = run.provenance(config.train.seed)
+    prov = Provenance.of(run, config.seeds)
     tags = {
         "seed": str(config.train.seed),
         "method": config.method,
         "run_dir": str(run.root.resolve()),
-        **{f"libraries.{name}": version for name, version in library_versions().items()},
+        **{f"libraries.{name}": version for name, version in prov.libraries.items()},
     }
-    if prov["dataset_version"] is not None:
-        tags["dataset_version"] = str(prov["dataset_version"])
-    if prov["config_sha256"] is not None:
-        tags["config_sha256"] = prov["config_sha256"]
+    if prov.dataset_version is not None:
+        tags["dataset_version"] = str(prov.dataset_version)
+    if prov.config_sha256 is not None:
+        tags["config_sha256"] = prov.config_sha256
     return tags
 
 
 def _stored_id(run: RunDir, backend: str) -> str | None:
-    path = run.root / TRACKING_FILE
+    path = run.tracking
     return read_json(path).get(backend, {}).get("run_id") if path.exists() else None
 
 
 def _store_id(run: RunDir, backend: str, **entry: str) -> None:
-    path = run.root / TRACKING_FILE
+    path = run.tracking
     stored = read_json(path) if path.exists() else {}
     stored[backend] = entry
     atomic_write_json(path, stored)
@@ -118,7 +118,9 @@ def _quiet_mlflow() -> Iterator[None]:
 
 class _MlflowRun:
     def __init__(self, config: Config, run: RunDir, console: Console) -> None:
-        from mlflow import MlflowClient  # importing mlflow sets its loggers' levels: before quieting them
+        from mlflow import (
+            MlflowClient,  # importing mlflow sets its loggers' levels: before quieting them
+        )
 
         self.runs_folder = run.root.resolve().parent
         self.db = self.runs_folder / "mlflow.db"
@@ -131,7 +133,10 @@ class _MlflowRun:
     def _open(self, config: Config, run: RunDir, console: Console) -> None:
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+        from mlflow.utils.validation import (
+            MAX_PARAM_VAL_LENGTH,
+            MAX_PARAMS_TAGS_PER_BATCH,
+        )
 
         run_id = _stored_id(run, "mlflow")
         existing = None
