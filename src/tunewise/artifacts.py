@@ -52,6 +52,7 @@ class Weights:
     peft_type: str | None = None
     safetensors: bool = False  # the weights file is safetensors (adapter_model / model.safetensors)
     pickled: tuple[str, ...] = ()  # pickle files lying there instead (never loaded)
+    max_rank: int | None = None  # LoRA: the largest rank of any layer (r, or rank_pattern's)
 
     @property
     def is_adapter(self) -> bool:
@@ -70,13 +71,16 @@ def weights_in(folder: Path) -> Weights:
     adapter_config = folder / "adapter_config.json"
     if adapter_config.is_file():
         try:
-            peft_type = json.loads(adapter_config.read_text(encoding="utf-8")).get("peft_type")
-        except (ValueError, AttributeError) as err:
+            saved = json.loads(adapter_config.read_text(encoding="utf-8"))
+            peft_type = saved.get("peft_type")
+            ranks = [saved.get("r") or 8, *(saved.get("rank_pattern") or {}).values()]
+            max_rank = max(int(r) for r in ranks) if peft_type == "LORA" else None
+        except (ValueError, TypeError, AttributeError) as err:
             raise TunewiseError(f"adapter_config.json is not a JSON object ({err})", file=adapter_config,
                                 fix="save the adapter again with PEFT (model.save_pretrained(folder))") from None
         kind = (WeightsKind.LORA if peft_type == "LORA" else WeightsKind.PROMPT_LEARNING
                 if peft_type in PROMPT_LEARNING else WeightsKind.OTHER_ADAPTER)
-        return Weights(folder, kind, peft_type, (folder / "adapter_model.safetensors").is_file(), pickled)
+        return Weights(folder, kind, peft_type, (folder / "adapter_model.safetensors").is_file(), pickled, max_rank)
     if (folder / "config.json").is_file():
         safetensors = any(folder.glob("*.safetensors"))
         return Weights(folder, WeightsKind.WHOLE_MODEL, None, safetensors, pickled)

@@ -34,9 +34,13 @@ def test_each_kind_of_weights_folder(base, tiny_model_dir, tmp_path):
     lora = weights_in(adapter(base(), tmp_path / "lora", LoraConfig(r=2, target_modules=["q_proj"])))
     assert (lora.kind, lora.peft_type, lora.safetensors, lora.is_adapter) == (WeightsKind.LORA, "LORA", True, True)
     dora = weights_in(adapter(base(), tmp_path / "dora", LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)))
-    assert dora.kind is WeightsKind.LORA
+    assert dora.kind is WeightsKind.LORA and lora.max_rank == dora.max_rank == 2
+    mixed = weights_in(adapter(base(), tmp_path / "mixed", LoraConfig(r=2, rank_pattern={"k_proj": 6},
+                                                                       target_modules=["q_proj", "k_proj"])))
+    assert mixed.max_rank == 6  # what vLLM's --max-lora-rank must cover
     prompt = weights_in(adapter(base(), tmp_path / "pt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)))
     assert prompt.kind is WeightsKind.PROMPT_LEARNING and prompt.config_file.name == "adapter_config.json"
+    assert prompt.max_rank is None
     whole = weights_in(tiny_model_dir)
     assert whole.kind is WeightsKind.WHOLE_MODEL and whole.safetensors and not whole.is_adapter
     assert weights_in(tmp_path / "missing").kind is WeightsKind.NONE

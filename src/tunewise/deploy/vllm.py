@@ -15,15 +15,14 @@ import shlex
 import shutil
 from pathlib import Path
 
+from tunewise.artifacts import weights_in
 from tunewise.deploy.engine import check_adapter
 from tunewise.errors import TunewiseError
 from tunewise.runs import atomic_write_text
 
 
 def lora_rank(folder: Path) -> int:
-    config = json.loads((folder / "adapter_config.json").read_text())
-    ranks = [config.get("r") or 8, *(config.get("rank_pattern") or {}).values()]
-    return max(int(r) for r in ranks)
+    return weights_in(folder).max_rank or 8
 
 
 def vllm_command(base_path: Path, adapters: dict[str, Path], *, host: str, port: int, served_name: str = "base",
