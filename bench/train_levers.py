@@ -45,10 +45,12 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
     from tunewise.config import load_config
     from tunewise.data import load_split
     from tunewise.models import compute_dtype, load_chat, resolve_base
+    from tunewise.settings import train_settings
     from tunewise.train import fast, methods
     from tunewise.train.batches import collate, length_grouped_batches
     from tunewise.train.loop import encode_items
     from tunewise.train.loss import supervised_loss
+    from tunewise.train.plan import adapter_shape
 
     overrides = ["track=none", "method=lora", "lora.r=16", "lora.alpha=32", "lora.target_modules=attention",
                  f"lora.dropout={0.0 if variant == 'no-dropout' else 0.05}"]
@@ -56,10 +58,10 @@ def child(variant: str, run: Path, steps: int, batch_size: int, profile: bool) -
     base = resolve_base(config.model.base)
     chat = load_chat(base, model=config.model.base)
     tokenizer = chat.tokenizer
-    items = encode_items(config, chat, load_split(run / "data" / "train.jsonl"))
+    items = encode_items(config.method, config.task.system_prompt, chat, load_split(run / "data" / "train.jsonl"))
     dtype = compute_dtype()
     torch.manual_seed(0)
-    tr = methods.build(config, base, dtype)
+    tr = methods.build(config.method, adapter_shape(train_settings(config)), base, dtype)
     level = VARIANTS.index(variant) if variant not in ("no-dropout", "+compile") else len(VARIANTS)
     if level >= VARIANTS.index("+cheap-dropout"):
         fast.cpu_fast_path(tr, dtype, 512)

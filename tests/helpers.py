@@ -130,13 +130,14 @@ def train_summary(**values):
 
 
 def write_weights_record(folder: Path, *, dataset_version: str | None = None, config_sha256: str | None = None,
-                         train=None, step: int = 8, val_loss: float = 0.5) -> None:
+                         train=None, plan=None, step: int = 8, val_loss: float = 0.5) -> None:
     """tunewise.json next to fake trained weights, as training leaves it."""
     from tunewise.artifacts import Provenance, WeightsRecord
 
     provenance = Provenance(run=folder.parent.name, config_sha256=config_sha256, dataset_version=dataset_version,
                             seeds={"data": 0, "eval": 0, "train": 0}, libraries={"torch": "test"}, created="")
-    WeightsRecord(step=step, val_loss=val_loss, provenance=provenance, train=train).write(folder / "tunewise.json")
+    WeightsRecord(step=step, val_loss=val_loss, provenance=provenance, train=train,
+                  plan=plan).write(folder / "tunewise.json")
 
 
 def write_arm_metrics(path: Path, arm: str, primary: str, metrics: dict[str, dict]) -> None:
@@ -145,3 +146,20 @@ def write_arm_metrics(path: Path, arm: str, primary: str, metrics: dict[str, dic
 
     ArmMetrics(output_type="json", n=5, metrics=metrics, confusion={}, arm=arm, primary=primary,
                model="test").write(path)
+
+
+def train_plan(**values):
+    """A TrainPlan as training resolves one (LoRA r=4 on all linear layers unless `values` say otherwise)."""
+    from tunewise.artifacts import TrainPlan
+
+    figures = dict(base="tiny", method="lora", task="tiny task", system_prompt="Reply with JSON.",
+                   describe="LoRA r=4 alpha=8",
+                   adapter={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "bias": "none",
+                            "use_dora": False},
+                   preference=None, dtype="float32", device="cpu", engine="one process", world_size=1, lr=2e-4,
+                   lr_default=True, schedule="cosine", warmup_ratio=0.05, warmup_steps=0, weight_decay=0.0,
+                   batch_size=4, grad_accum=1, global_batch=4, memory_note="", gradient_checkpointing=False, epochs=2,
+                   steps_per_epoch=5, total_steps=10, eval_every=2, save_every=2, keep_checkpoints=2, patience=3,
+                   max_seq_len=64, train_examples=40, dropped_too_long=0, trainable_params=1000, fast_path=[],
+                   seeds={"data": 0, "eval": 0, "train": 0}, fingerprint={})
+    return TrainPlan(**(figures | values))

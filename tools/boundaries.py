@@ -3,7 +3,7 @@ config, and run-folder paths built by hand outside RunDir.
 
     .venv/bin/python tools/boundaries.py [--list]
 
-Wiring modules (allowed to take `Config`): pipeline.py, sweep.py, cli.py, config.py.
+Wiring modules (allowed to take `Config`): pipeline.py, sweep.py, cli.py, config.py, settings.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "tunewise"
-WIRING = {"pipeline.py", "sweep.py", "cli.py", "config.py"}
+WIRING = {"pipeline.py", "sweep.py", "cli.py", "config.py", "settings.py"}
 LONG = 80
 
 

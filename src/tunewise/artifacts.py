@@ -11,6 +11,7 @@ written by older versions are still read:
 | metrics/regression_<who>.json  | RegressionMetrics  | baseline, evaluate  | verdict, report                  |
 | train_summary.json             | TrainSummary       | train               | cli, report, sweep               |
 | adapter/tunewise.json          | WeightsRecord      | train               | export, registry, serve, train   |
+| (inside it)                    | TrainPlan          | train               | export, model card, tracking     |
 | data/manifest.json             | DataManifest       | data                | every later stage                |
 | decision.json                  | DecideRecord       | decide              | report                           |
 | judge/summary.json             | JudgeSummary       | judge               | verdict, report                  |
@@ -384,6 +385,76 @@ class TrainSummary(JsonArtifact):
 
 
 @dataclass
+class TrainPlan(JsonArtifact):
+    """Every value the train stage ran with, resolved once by train/plan.py: printed at the start,
+    the resume fingerprint, saved with the weights (WeightsRecord.plan)."""
+
+    base: str
+    method: str
+    task: str
+    system_prompt: str
+    describe: str  # what is trained, e.g. "LoRA r=16 alpha=32 trained with DPO"
+    adapter: dict[str, Any]  # adapter_shape(), targets resolved against the model
+    preference: dict[str, float] | None  # dpo / orpo: {beta, sft_weight}
+    dtype: str  # compute dtype under autocast
+    device: str
+    engine: str  # "one process" or "N processes (torchrun)"
+    world_size: int
+    lr: float
+    lr_default: bool  # train.lr unset: the method's default
+    schedule: str
+    warmup_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    batch_size: int  # micro-batch, per process
+    grad_accum: int
+    global_batch: int  # examples (pairs) per optimizer step, whatever the memory plan does
+    memory_note: str
+    gradient_checkpointing: bool
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    save_every: int
+    keep_checkpoints: int
+    patience: int | None
+    max_seq_len: int
+    train_examples: int
+    dropped_too_long: int
+    trainable_params: int
+    fast_path: list[str]  # the CPU levers that are on (train/fast.py)
+    seeds: dict[str, int]
+    fingerprint: dict[str, Any]  # what a checkpoint must have been trained with to be continued
+
+    NAME: ClassVar[str] = "the training plan"
+    FIX: ClassVar[str] = "train the run again: tunewise train --resume RUN"
+
+    @property
+    def unit(self) -> str:
+        return "pairs" if self.preference is not None else "examples"
+
+    def startup_line(self) -> str:
+        return (
+            f"[bold]train[/] {self.describe} on {self.base} ({self.dtype} compute); "
+            f"{self.train_examples} {self.unit} (dropped {self.dropped_too_long} > {self.max_seq_len} tokens); "
+            f"batch {self.batch_size}{self.memory_note} x accum {self.grad_accum}"
+            f"{f' x {self.world_size} processes' if self.world_size > 1 else ''}, {self.epochs} epoch(s) = "
+            f"{self.total_steps} steps; lr {self.lr:g}{' (default for ' + self.method + ')' if self.lr_default else ''} "
+            f"{self.schedule}, warmup {self.warmup_ratio:g}, weight decay "
+            f"{self.weight_decay:g}; {self.trainable_params:,} trainable params; gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'}"
+            f"{'; CPU path: ' + ', '.join(self.fast_path) if self.fast_path else ''}; val every {self.eval_every} steps"
+            f"{f', stop after {self.patience} without a new best' if self.patience else ''}, "
+            f"checkpoint every {self.save_every} (keep {self.keep_checkpoints})"
+        )
+
+    def params(self) -> dict[str, Any]:
+        """The plan as dotted keys for an experiment tracker (`plan.lr`, `plan.adapter.alpha`)."""
+        out = {f"plan.{k}": v for k, v in self.to_json().items() if k not in ("fingerprint", "adapter", "seeds")}
+        return out | {f"plan.adapter.{k}": v for k, v in self.adapter.items()}
+
+
+@dataclass
 class WeightsRecord(JsonArtifact):
     """tunewise.json next to trained weights (the adapter, a checkpoint's best, a merged export):
     which step they are from, what they were trained on and how, and the chat format they were
@@ -394,6 +465,7 @@ class WeightsRecord(JsonArtifact):
     chat: dict | None = None  # ChatFormat.record(): template source, settings, stops
     provenance: Provenance | None = None
     train: TrainSummary | None = None
+    plan: TrainPlan | None = None  # what training resolved (method, lr, adapter shape, batch, ...)
     export: dict | None = None  # a merged export: {provenance, merged_dtype, files}
 
     NAME: ClassVar[str] = "the weights' tunewise.json"
@@ -406,10 +478,14 @@ class WeightsRecord(JsonArtifact):
         record = super().from_json(data, where)
         if isinstance(record.train, dict):
             record.train = TrainSummary.from_json(record.train, where)
+        if isinstance(record.plan, dict):
+            record.plan = TrainPlan.from_json(record.plan, where)
         return record
 
     def to_json(self) -> dict:
         out = super().to_json()
         if self.train is not None:
             out["train"] = self.train.to_json()
+        if self.plan is not None:
+            out["plan"] = self.plan.to_json()
         return {k: v for k, v in out.items() if v is not None}

@@ -117,6 +117,7 @@ def train(
     from tunewise.config import load_config
     from tunewise.pipeline import resume_pipeline
     from tunewise.runs import open_run_dir
+    from tunewise.settings import track_settings, train_settings
     from tunewise.train.distributed import init_distributed
     from tunewise.train.loop import train_model
 
@@ -126,7 +127,8 @@ def train(
         return
     dist = init_distributed()
     if dist.active:  # every process trains; the main one writes and reports
-        train_model(run, load_config(run.config), console)
+        config = load_config(run.config)
+        train_model(run, train_settings(config), console, track_settings(config))
         if not dist.main:
             return
         run_dir = run
@@ -280,11 +282,12 @@ def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, spli
     """Paths, DataSettings and base model name from a config file or from the options."""
     from tunewise.config import load_config
     from tunewise.data import DataSettings, parse_mapping
+    from tunewise.settings import data_settings
 
     if config is not None:
         cfg = load_config(config)
         paths = [Path(p) for p in cfg.data.paths] if not files else list(files)
-        return paths, DataSettings.from_config(cfg), cfg.model
+        return paths, data_settings(cfg), cfg.model
     if not files:
         raise TunewiseError("no data files given", fix="pass one or more data files (or -c tunewise.yaml)")
     if split == "group" and not group_key or split == "time" and not time_key:

@@ -23,7 +23,7 @@ from tunewise.artifacts import (
     Verdict,
 )
 from tunewise.config import Config, dump_config, load_config
-from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
+from tunewise.data import prepare, preview_rows, write_prepared
 from tunewise.decide import recommend
 from tunewise.decide.framework import FEW_EXAMPLES
 from tunewise.errors import TunewiseError
@@ -56,6 +56,12 @@ from tunewise.runs import (
     read_json,
     read_jsonl,
 )
+from tunewise.settings import (
+    data_settings,
+    eval_settings,
+    track_settings,
+    train_settings,
+)
 from tunewise.train.loop import check_method_fits_data, train_model
 
 
@@ -79,12 +85,12 @@ def prepare_data(config: Config, config_path: str | Path, console: Console,
     refused here, before any stage runs."""
     chat = base_chat(config.model)
     print_chat(console, config.model.base, chat)
-    settings = DataSettings.from_config(config)
+    settings = data_settings(config)
     prepared = prepare([Path(p) for p in config.data.paths], settings, chat=chat,
                        log=lambda m: console.print(Text.assemble(("data ", "bold"), m)))
     examples = [e for split in prepared.splits.values() for e in split]
     for each in (config, *methods_of):
-        check_method_fits_data(each, examples, config_path)
+        check_method_fits_data(each.method, examples, config_path)
     return prepared, settings, chat
 
 
@@ -157,15 +163,17 @@ def counted_baselines(config: Config) -> list[str]:
 def stage_baseline(run: RunDir, config: Config, console: Console) -> None:
     """Every baseline arm on the test items (outputs already cached are not generated again),
     plus the base model on the general regression set for the forgetting check."""
-    console.print(f"[bold]baseline[/] {', '.join(all_arms(config)[:-1])} on {len(test_items(run, config))} test items")
-    gen = load_base_for_eval(config)
-    evaluate_arms(run, config, {arm: gen for arm in BASELINE_ARMS} | endpoint_arms(config), console)
+    ev = eval_settings(config, run.config)
+    console.print(f"[bold]baseline[/] {', '.join(all_arms(config)[:-1])} on {len(test_items(run, ev.max_test))} "
+                  "test items")
+    gen = load_base_for_eval(ev.model, ev.batch_size)
+    evaluate_arms(run, ev, {arm: gen for arm in BASELINE_ARMS} | endpoint_arms(config.eval.endpoints), console)
     if config.eval.forgetting:
-        evaluate_regression(run, config, "base", gen, console)
+        evaluate_regression(run, ev, "base", gen, console)
 
 
 def stage_train(run: RunDir, config: Config, console: Console) -> None:
-    summary = train_model(run, config, console)
+    summary = train_model(run, train_settings(config), console, track_settings(config))
     console.print(
         f"  best val loss {summary.best_val_loss:.4f} at step {summary.best_step} "
         f"(start {summary.first_val_loss:.4f}); {summary.tokens_per_second:.0f} tokens/s, "
@@ -177,11 +185,12 @@ def stage_train(run: RunDir, config: Config, console: Console) -> None:
 
 
 def stage_evaluate(run: RunDir, config: Config, console: Console) -> None:
-    gen = load_finetuned_for_eval(run, config)
+    ev = eval_settings(config, run.config)
+    gen = load_finetuned_for_eval(run, ev.model, ev.batch_size)
     console.print("[bold]evaluate[/] fine-tuned model on the same test items")
-    evaluate_arms(run, config, {FINETUNED: gen}, console)
+    evaluate_arms(run, ev, {FINETUNED: gen}, console)
     if config.eval.forgetting:
-        evaluate_regression(run, config, "finetuned", gen, console)
+        evaluate_regression(run, ev, "finetuned", gen, console)
 
 
 def best_baseline(run: RunDir, config: Config) -> str:

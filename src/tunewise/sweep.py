@@ -24,7 +24,6 @@ from rich.text import Text
 
 from tunewise.artifacts import DataManifest, TrainSummary
 from tunewise.config import Config, dump_config, load_config
-from tunewise.data import DataSettings
 from tunewise.errors import TunewiseError
 from tunewise.pipeline import STAGES, prepare_data, run_stages, stage_decide, write_data
 from tunewise.report.plots import sweep_best_plot, sweep_curves_plot
@@ -39,6 +38,7 @@ from tunewise.runs import (
     replace_dir,
     sha256_file,
 )
+from tunewise.settings import data_settings
 
 SWEEP_FILE = "sweep.json"
 REPORT_FILE = "sweep.html"
@@ -164,7 +164,7 @@ def plan_trials(config_path: Path, grid: dict[str, list[str]], overrides: list[s
                                 fix="drop one of the two options")
     combos = list(itertools.product(*grid.values()))
     width = max(2, len(str(len(combos))))
-    trials, configs, settings = [], [], DataSettings.from_config(base)
+    trials, configs, settings = [], [], data_settings(base)
     for n, values in enumerate(combos, 1):
         sets = [f"{key}={value}" for key, value in zip(grid, values)]
         try:
@@ -172,7 +172,7 @@ def plan_trials(config_path: Path, grid: dict[str, list[str]], overrides: list[s
         except TunewiseError as err:
             raise _in_trial(err, sets) from None
         changed = [f.name for f in dataclasses.fields(settings)
-                   if getattr(settings, f.name) != getattr(DataSettings.from_config(config), f.name)]
+                   if getattr(settings, f.name) != getattr(data_settings(config), f.name)]
         if changed:
             raise TunewiseError(
                 f"with {' '.join(sets)} the data would be prepared differently ({', '.join(changed)}), so the "

@@ -56,7 +56,7 @@ def test_export_merged_and_gguf_match_the_adapter(demo_run, exported):
         assert diff.mean() < 0.5 and diff.max() < 4.0, (diff.mean(), diff.max())
         config = load_config(run.config)
         tokenizer = load_tokenizer(exported["merged"])
-        test = runner.test_items(run, config)[:N]
+        test = runner.test_items(run, config.eval.max_test)[:N]
         for messages in build_prompts("finetuned", test, config.task.system_prompt, [[]] * N):
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                    return_dict=True)["input_ids"]
@@ -73,11 +73,11 @@ def test_export_merged_and_gguf_match_the_adapter(demo_run, exported):
 def test_served_adapter_answers_what_was_evaluated_and_follows_the_registry(demo_run, tmp_path):
     run, verdict = demo_run
     config = load_config(run.config)
-    test = runner.test_items(run, config)[:N]
+    test = runner.test_items(run, config.eval.max_test)[:N]
     prompts = build_prompts("finetuned", test, config.task.system_prompt, [[]] * N)
     recorded = [row["output"] for row in read_jsonl(run.predictions("finetuned"))][:N]
     base = resolve_base(config.model.base)
-    budget = runner.max_new_tokens(config, load_tokenizer(base), load_split(run.split("train")))  # the evaluate stage's
+    budget = runner.max_new_tokens(config.eval.max_new_tokens, load_tokenizer(base), load_split(run.split("train")))  # the evaluate stage's
     other = make_adapter(base, load_tokenizer(base), tmp_path / "other", seed=3)
 
     registry = Registry(tmp_path / "registry")

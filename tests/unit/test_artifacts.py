@@ -114,6 +114,7 @@ def test_a_run_folder_written_before_the_types_is_read(tmp_path):
     from rich.console import Console
 
     from tunewise.artifacts import ArmMetrics, DataManifest, TrainSummary, Verdict, WeightsRecord
+    from tunewise.deploy.export import export_run
     from tunewise.deploy.registry import Registry
     from tunewise.pipeline import resume_pipeline
 
@@ -132,6 +133,9 @@ def test_a_run_folder_written_before_the_types_is_read(tmp_path):
     assert after.provenance.seeds == {"data": 0, "eval": 0, "train": 0}
     version = Registry(tmp_path / "registry").add("tiny", run_dir)
     assert version.dataset_version == "20e217b157c0fed6" and version.decision == before.decision.value
+    with pytest.raises(TunewiseError) as err:  # export states how the weights were trained: it needs the plan
+        export_run(run_dir, merge=True, console=Console(quiet=True))
+    assert "do not record their training plan" in str(err.value) and "tunewise stage train" in str(err.value)
 
 
 def test_a_foreign_file_is_refused_naming_it(tmp_path):

@@ -30,10 +30,11 @@ def test_relative_data_path_resolves_against_config_dir(tmp_path):
     config = load_config(write(tmp_path, "data:\n  path: d.jsonl\n"))
     assert config.data.path == str(tmp_path / "d.jsonl")
     assert config.lora.r == 16 and config.train.lr is None and config.method == "lora"
-    from tunewise.train.methods import learning_rate
+    from tunewise.settings import train_settings
+    from tunewise.train.plan import learning_rate
 
-    assert learning_rate(config) == 2e-4  # unset: the method's default
-    assert learning_rate(config.model_copy(update={"method": "full"})) == 2e-5
+    assert learning_rate(train_settings(config)) == 2e-4  # unset: the method's default
+    assert learning_rate(train_settings(config.model_copy(update={"method": "full"}))) == 2e-5
 
 
 def test_misspelled_key_is_named_with_its_line_and_valid_keys(tmp_path):

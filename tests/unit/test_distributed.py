@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tests.helpers import label_rows, write_jsonl
 from tunewise.config import load_config
 from tunewise.runs import RunDir
+from tunewise.settings import train_settings
 from tunewise.train import loop
 
 
@@ -45,7 +46,7 @@ def log(run: Path) -> list[dict]:
 def test_two_gloo_processes_match_one_process(prepared, tmp_path):
     single = RunDir(Path(shutil.copytree(prepared, tmp_path / "single")))
     double = Path(shutil.copytree(prepared, tmp_path / "double"))
-    loop.train_model(single, load_config(single.config), Console(quiet=True))
+    loop.train_model(single, train_settings(load_config(single.config)), Console(quiet=True))
 
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,6 +15,7 @@ from rich.console import Console
 from tests.helpers import (
     has_llamacpp,
     needs_llamacpp,
+    train_plan,
     train_summary,
     write_arm_metrics,
     write_manifest,
@@ -72,7 +73,8 @@ def write_fake_run(
             torch.nn.init.normal_(param, std=lora_std)
     model.save_pretrained(run.adapter)
     tokenizer.save_pretrained(run.adapter)
-    write_weights_record(run.adapter, dataset_version="ds-1234abcd", config_sha256="c0ffee")
+    write_weights_record(run.adapter, dataset_version="ds-1234abcd", config_sha256="c0ffee",
+                         plan=train_plan(base=base_name or str(base)), train=train_summary())
     run.split("test").parent.mkdir(parents=True, exist_ok=True)
     run.split("test").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": item}, {"role": "assistant", "content": '{"section": "x"}'}],
@@ -165,25 +167,22 @@ def test_model_card_says_what_was_shipped_and_why(exported, tiny_model_dir):
     assert exported["card"] == exported["merged"] / "README.md"
 
 
-@pytest.mark.parametrize("method, lr, says", [
-    ("lora", 2e-4, "LoRA (r=4, alpha=8, dropout=0.0"),  # lr left at its default: training resolved 2e-4
-    ("dpo", 5e-6, "LoRA trained with DPO (r=4"),
-    ("full", 1e-5, "full fine-tuning (every weight)"),
+@pytest.mark.parametrize("method, lr, default, says", [
+    ("lora", 2e-4, True, "LoRA (r=4, alpha=8, dropout=0.0"),  # lr left at its default: the plan resolved 2e-4
+    ("dpo", 5e-6, False, "LoRA trained with DPO (r=4"),
+    ("full", 1e-5, False, "full fine-tuning (every weight)"),
 ])
-def test_model_card_states_the_method_and_learning_rate_training_used(method, lr, says, trained_run):
-    from tunewise.config import load_config
+def test_model_card_states_the_method_and_learning_rate_training_used(method, lr, default, says, trained_run):
+    from tunewise.artifacts import WeightsRecord
 
-    config = load_config(trained_run.config)  # no train.lr, no method: the defaults
-    saved = (trained_run.adapter / "tunewise.json").read_bytes()
-    write_weights_record(trained_run.adapter, dataset_version="ds-1234abcd", config_sha256="c0ffee",
-                         train=train_summary(method=method, lr=lr))
-    try:
-        card = export_mod.model_card(trained_run, config, None, dtype=torch.float32, files=[])
-    finally:
-        (trained_run.adapter / "tunewise.json").write_bytes(saved)
+    record = WeightsRecord.read(trained_run.adapter / "tunewise.json")  # the config.yaml has neither lr nor method
+    record.plan = train_plan(method=method, lr=lr, lr_default=default, adapter={} if method == "full" else
+                             record.plan.adapter)
+    card = export_mod.model_card(trained_run, record, None, dtype=torch.float32, files=[])
     assert says in card and f"learning rate {lr:g}" in card and "None" not in card
+    assert ("(the default for lora)" in card) == default and f"tags: [tunewise, {method}, merged]" in card
     if method != "lora":
-        assert "LoRA supervised" not in card
+        assert "LoRA supervised" not in card and "LoRA (r=" not in card
 
 
 # --- GGUF (llama.cpp) ------------------------------------------------------------------------

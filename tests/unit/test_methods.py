@@ -15,7 +15,9 @@ from rich.console import Console
 from tests.helpers import SECTIONS, label_rows, run_cli
 from tunewise.errors import TunewiseError
 from tunewise.runs import read_json
-from tunewise.train import loop, methods
+from tunewise.settings import train_settings
+from tunewise.train import loop, methods, plan
+from tunewise.train.plan import adapter_shape
 
 QUIET = Console(quiet=True)
 
@@ -39,8 +41,8 @@ def captured(monkeypatch):
     seen = {}
     real = methods.build
 
-    def build(config, base_path, dtype, **kwargs):
-        tr = real(config, base_path, dtype, **kwargs)
+    def build(method, shape, base_path, dtype, **kwargs):
+        tr = real(method, shape, base_path, dtype, **kwargs)
         seen["tr"] = tr
         seen["before"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         return tr
@@ -54,7 +56,7 @@ def train(make_project, tmp_path, method: str, rows=None, extra: str = "") -> tu
 
     config_path = make_project(rows, extra=f"method: {method}\n{extra}")
     run, config = start_run(config_path, [], tmp_path / "runs", QUIET)
-    return run, loop.train_model(run, config, QUIET)
+    return run, loop.train_model(run, train_settings(config), QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +222,7 @@ def test_target_modules_that_do_not_exist_list_the_real_ones(make_project, tmp_p
     config = make_project(extra="lora: {target_modules: [q_proj, attn_out]}\n")
     run, cfg = start_run(config, [], tmp_path / "runs", QUIET)
     with pytest.raises(TunewiseError) as err:
-        loop.train_model(run, cfg, QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET)
     message = str(err.value)
     assert "['attn_out'] do not exist" in message and "lora.target_modules" in message
     for real in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"):
@@ -235,7 +237,7 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(make_project, tmp_path, mon
     run, cfg = start_run(make_project(extra="method: qlora\n"), [], tmp_path / "runs", QUIET)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(TunewiseError) as err:
-        loop.train_model(run, cfg, QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET)
     message = str(err.value)
     assert "method qlora needs bitsandbytes" in message and "method: lora" in message
     assert not run.adapter.exists()
@@ -247,16 +249,16 @@ def test_memory_plan_halves_the_batch_and_keeps_the_global_batch(monkeypatch, ti
     from tunewise.config import Config
 
     config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)}})
-    tr = methods.build(config, tiny_model_dir, torch.float32)
-    roomy = loop.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
+    tr = methods.build(config.method, adapter_shape(train_settings(config)), tiny_model_dir, torch.float32)
+    roomy = plan.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
     assert roomy == (8, 1, False, "")
     # 1 MB free: checkpointing goes on first, then the batch halves while accumulation doubles
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1.5e6})())
-    batch, accum, checkpointing, note = loop.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
+    batch, accum, checkpointing, note = plan.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
     assert checkpointing and batch * accum == 8 and batch < 8 and "halved" in note
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1e3})())
     with pytest.raises(TunewiseError, match="train.max_seq_len"):
-        loop.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
+        plan.memory_plan(tr, 8, 1, 128, "auto", 1, 0)
 
 
 def test_memory_plan_counts_the_logits_of_the_vocabulary(monkeypatch, tiny_model_dir):
@@ -265,17 +267,17 @@ def test_memory_plan_counts_the_logits_of_the_vocabulary(monkeypatch, tiny_model
     from tunewise.config import Config
 
     config = Config.model_validate({"data": {"path": "x"}, "model": {"base": str(tiny_model_dir)}})
-    tr = methods.build(config, tiny_model_dir, torch.float32)
+    tr = methods.build(config.method, adapter_shape(train_settings(config)), tiny_model_dir, torch.float32)
     vocab = tr.causal_lm.get_output_embeddings().weight.shape[0]
     # room for 8 rows of activations with checkpointing, not for 8 rows x 64 answer tokens of fp32 logits x3
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 150e6})())
-    assert loop.memory_plan(tr, 8, 1, 128, "on", 1, 0)[0] == 8
-    batch, accum, _, note = loop.memory_plan(tr, 8, 1, 128, "on", 1, 64)
+    assert plan.memory_plan(tr, 8, 1, 128, "on", 1, 0)[0] == 8
+    batch, accum, _, note = plan.memory_plan(tr, 8, 1, 128, "on", 1, 64)
     assert batch * 3 * 4 * vocab * 64 < 0.7 * 150e6 < 8 * 3 * 4 * vocab * 64  # what halving had to reach
     assert batch == 2 and accum == 4 and "logits" in note
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 30e6})())
     with pytest.raises(TunewiseError) as err:
-        loop.memory_plan(tr, 8, 1, 128, "on", 1, 64)
+        plan.memory_plan(tr, 8, 1, 128, "on", 1, 64)
     assert f"{vocab:,}-token vocabulary" in err.value.message
 
 
@@ -329,7 +331,7 @@ def test_qlora_where_bitsandbytes_cannot_run_is_a_clear_error(make_project, tmp_
 
     run, cfg = start_run(make_project(extra="method: qlora\n"), [], tmp_path / "runs", QUIET)
     with pytest.raises(TunewiseError) as err:
-        loop.train_model(run, cfg, QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET)
     assert "whole blocks of 64" in str(err.value) and "q_proj (32)" in str(err.value)
     assert "method: lora" in str(err.value) and not run.checkpoints.exists()
 
@@ -338,4 +340,4 @@ def test_qlora_where_bitsandbytes_cannot_run_is_a_clear_error(make_project, tmp_
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_backend)
     with pytest.raises(TunewiseError, match="cannot quantize this model to 4 bits on this machine: no bitsandbytes"):
-        loop.train_model(run, cfg, QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET)

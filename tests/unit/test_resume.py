@@ -19,7 +19,9 @@ from tests.helpers import label_rows, run_cli, write_jsonl
 from tunewise.config import load_config
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, read_json, sha256_file
+from tunewise.settings import train_settings
 from tunewise.train import loop
+from tunewise.train import plan as plan_module
 from tunewise.train.checkpoint import FILES, list_checkpoints, read_trainer_state
 
 QUIET = Console(quiet=True)
@@ -51,7 +53,7 @@ def copy_run(prepared: Path, tmp_path: Path, name: str = "run") -> RunDir:
 
 
 def train(run: RunDir) -> loop.TrainSummary:
-    return loop.train_model(run, load_config(run.config), QUIET)
+    return loop.train_model(run, train_settings(load_config(run.config)), QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,7 @@ import sys, time
 from rich.console import Console
 from tunewise.config import load_config
 from tunewise.runs import open_run_dir
+from tunewise.settings import train_settings
 from tunewise.train import loop
 
 real = loop.supervised_loss
@@ -108,7 +111,7 @@ def slow(*args, **kwargs):
     return real(*args, **kwargs)
 loop.supervised_loss = slow
 run = open_run_dir(sys.argv[1])
-loop.train_model(run, load_config(run.config), Console(quiet=True))
+loop.train_model(run, train_settings(load_config(run.config)), Console(quiet=True))
 """
 
 
@@ -220,7 +223,7 @@ def test_resume_where_less_memory_is_free_takes_the_same_steps(prepared, tmp_pat
         plans.append((batch_size // 2, grad_accum * 2))
         return batch_size // 2, grad_accum * 2, False, " (halved to fit in memory)"
 
-    monkeypatch.setattr(loop, "memory_plan", tight)
+    monkeypatch.setattr(plan_module, "memory_plan", tight)
     summary = train(run)
     assert plans == [(2, 2)] and summary.resumed_from_step == 9 and summary.steps == expected.steps
     assert val_losses(run) == pytest.approx(val_losses(reference), rel=1e-4)

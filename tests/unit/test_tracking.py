@@ -20,7 +20,8 @@ from tests.helpers import write_manifest
 from tunewise.config import Config, dump_config
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, atomic_write_json, read_json
-from tunewise.train.tracking import flat_config, open_tracker
+from tunewise.settings import flat_config, track_settings
+from tunewise.train.tracking import open_tracker
 
 RUN_NAME = "20260101-120000-tiny"
 ROWS = [
@@ -64,7 +65,7 @@ def train(config: Config, run: RunDir, rows=ROWS, fail: BaseException | None = N
     """What the train loop (train_model) does with the tracker; returns what the console printed."""
     out = io.StringIO()
     console = Console(file=out, width=80)
-    with open_tracker(config, run, console) as tracker:
+    with open_tracker(track_settings(config), run, console) as tracker:
         for row in rows:
             tracker.log_metrics(row)
         if fail is not None:
@@ -171,7 +172,7 @@ def test_store_failing_during_training_warns_once_and_training_goes_on(runs):
     config = make_config("mlflow")
     run = make_run(runs, config)
     out = io.StringIO()
-    with open_tracker(config, run, Console(file=out, width=80)) as tracker:
+    with open_tracker(track_settings(config), run, Console(file=out, width=80)) as tracker:
         tracker.log_metrics(ROWS[0])
         (runs / "mlflow.db").write_bytes(b"\xff" * 8192)  # the store breaks under the running training
         for row in ROWS[1:]:

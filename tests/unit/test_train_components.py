@@ -180,10 +180,12 @@ def _chat_batch(tokenizer, lengths: tuple[int, ...]) -> dict:
 
 def _lora_with_random_b(config, tiny_model_dir, seed: int = 0):
     """A LoRA model whose B matrices are not zero, so every LoRA term reaches the loss (and A gets gradients)."""
+    from tunewise.settings import train_settings
     from tunewise.train.methods import build
+    from tunewise.train.plan import adapter_shape
 
     torch.manual_seed(seed)
-    tr = build(config, tiny_model_dir, torch.float32)
+    tr = build(config.method, adapter_shape(train_settings(config)), tiny_model_dir, torch.float32)
     with torch.no_grad():
         for name, param in tr.model.named_parameters():
             if "lora_B" in name:

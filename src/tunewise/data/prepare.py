@@ -45,7 +45,7 @@ MAX_STRATA = 50  # more distinct outputs than this are not a label set
 
 @dataclass(frozen=True)
 class DataSettings:
-    """The data stage's knobs as plain values (the recipe unpacks the config into these)."""
+    """The data stage's knobs as plain values (settings.data_settings unpacks the config into these)."""
 
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -63,18 +63,6 @@ class DataSettings:
     max_seq_len: int | None = None
     system_prompt: str = ""
     output_type: str = "auto"
-
-    @classmethod
-    def from_config(cls, config) -> "DataSettings":
-        d = config.data
-        return cls(
-            val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed, split=d.split,
-            group_key=d.group_key, time_key=d.time_key, near_dup_threshold=d.near_dup_threshold,
-            semantic_threshold=d.semantic_threshold, decontaminate=d.decontaminate,
-            eval_files=tuple(d.eval_files), max_examples=d.max_examples, strict=d.strict, mapping=dict(d.map),
-            max_seq_len=config.train.max_seq_len, system_prompt=config.task.system_prompt,
-            output_type=config.task.output_type,
-        )
 
 
 @dataclass

@@ -36,6 +36,8 @@ from tunewise.artifacts import (
     ArmMetrics,
     DataManifest,
     Provenance,
+    Seeds,
+    TrainPlan,
     TrainSummary,
     Verdict,
     Weights,
@@ -43,7 +45,6 @@ from tunewise.artifacts import (
     WeightsRecord,
     weights_in,
 )
-from tunewise.config import Config, load_config
 from tunewise.deploy import llamacpp, ollama
 from tunewise.errors import TunewiseError
 from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
@@ -165,8 +166,9 @@ def export_run(
     if gguf or gguf_adapter:  # missing tools fail before minutes of merging
         llamacpp.converter_dir()
         llamacpp.library()
-    config = load_config(run.config)
-    base_path = resolve_base(config.model.base)
+    record = trained_record(run)
+    plan = record.plan
+    base_path = resolve_base(plan.base)
     verdict = Verdict.read(run.verdict) if run.verdict.exists() else None
     _warn_unless_shipped(verdict, run, console)
     out = Path(out) if out is not None else run.export
@@ -175,22 +177,22 @@ def export_run(
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
         scratch = Path(scratch)
         merged = scratch / "merged"
-        dtype = build_merged(base_path, weights, merged, console, model_name=config.model.base)
+        dtype = build_merged(base_path, weights, merged, console, model_name=plan.base)
         ready: dict[str, Path] = {}  # final name -> file in scratch
         if gguf or gguf_adapter:
-            ready, parity = _gguf_files(run, config, merged, base_path, adapter, scratch, quant, dtype,
+            ready, parity = _gguf_files(run, plan, merged, base_path, adapter, scratch, quant, dtype,
                                         whole=gguf, lora=gguf_adapter, check_parity=check_parity, console=console)
             ready["parity.json"] = ("parity", scratch / "parity.json")
             atomic_write_json(scratch / "parity.json", parity)
         files = (["merged/"] if merge else []) + list(ready)
-        card = model_card(run, config, verdict, dtype=dtype, files=files,
+        card = model_card(run, record, verdict, dtype=dtype, files=files,
                           parity=parity if (gguf or gguf_adapter) else None)
         for name, (kind, path) in ready.items():
             os.replace(path, out / name)
             written[kind] = out / name
         if merge:
             atomic_write_text(merged / "README.md", card)
-            _record(run, config, dtype, files).write(merged / "tunewise.json")
+            _merged_record(run, record, dtype, files).write(merged / "tunewise.json")
             replace_dir(merged, out / "merged")
             written["merged"] = out / "merged"
             written["card"] = out / "merged" / "README.md"
@@ -202,7 +204,7 @@ def export_run(
     return written
 
 
-def parity_prompts(run: RunDir, config: Config, chat: ChatFormat, n: int = 4) -> list[str]:
+def parity_prompts(run: RunDir, system_prompt: str, chat: ChatFormat, n: int = 4) -> list[str]:
     """The first test items as the fine-tune is prompted in evaluation and serving."""
     from tunewise.data.prepare import load_split
     from tunewise.evaluate.arms import zero_shot_prompt
@@ -211,16 +213,16 @@ def parity_prompts(run: RunDir, config: Config, chat: ChatFormat, n: int = 4) ->
         raise TunewiseError("the run has no test split to check the GGUF on", file=run.split("test"),
                             fix=f"prepare the data again: tunewise run --resume {run.root}")
     items = load_split(run.split("test"))[:n]
-    return [chat.prompt(zero_shot_prompt(item, config.task.system_prompt)) for item in items]
+    return [chat.prompt(zero_shot_prompt(item, system_prompt)) for item in items]
 
 
-def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adapter: Path, scratch: Path,
+def _gguf_files(run: RunDir, plan: TrainPlan, merged: Path, base_path: Path, adapter: Path, scratch: Path,
                 quant: str, dtype: torch.dtype, *, whole: bool, lora: bool, check_parity: bool, console: Console,
                 ) -> tuple[dict[str, tuple[str, Path]], dict]:
     """Convert, check in llama.cpp, quantize; returns {final name: (kind, scratch file)} and the
     parity record."""
-    chat = load_chat(merged, model=config.model.base)
-    prompts = parity_prompts(run, config, chat)
+    chat = load_chat(merged, model=plan.base)
+    prompts = parity_prompts(run, plan.system_prompt, chat)
     lossless = llamacpp.LOSSLESS[str(dtype).removeprefix("torch.")]
     record: dict = {"prompts": len(prompts), "lossless_type": lossless, "checks": []}
     if check_parity:
@@ -230,7 +232,7 @@ def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adap
         console.print(Text.assemble(("warning ", "yellow"), "--no-parity: the GGUF files were not run in llama.cpp "
                                     "against the merged model"))
     ready: dict[str, tuple[str, Path]] = {}
-    task = slug(config.task.name)
+    task = slug(plan.task)
 
     def check(path: Path, *, exact: bool, lora_file: Path | None = None) -> None:
         if not check_parity:
@@ -267,9 +269,9 @@ def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adap
             source.unlink()
         ready[name] = ("gguf", final)
         _write_modelfile(ready, "modelfile", scratch / "Modelfile", chat, name,
-                         add_bos=llamacpp.gguf_adds_bos(final), system=config.task.system_prompt, console=console)
+                         add_bos=llamacpp.gguf_adds_bos(final), system=plan.system_prompt, console=console)
     if lora:
-        base_name = f"base-{slug(Path(config.model.base).name)}-{lossless}.gguf"
+        base_name = f"base-{slug(Path(plan.base).name)}-{lossless}.gguf"
         base_gguf = llamacpp.convert(base_path, scratch / base_name, lossless, console=console)
         lora_name = f"{task}-lora-{lossless}.gguf"
         lora_gguf = llamacpp.convert_lora(adapter, base_path, scratch / lora_name, lossless, console=console)
@@ -277,7 +279,7 @@ def _gguf_files(run: RunDir, config: Config, merged: Path, base_path: Path, adap
         ready[base_name], ready[lora_name] = ("base_gguf", base_gguf), ("adapter_gguf", lora_gguf)
         _write_modelfile(ready, "adapter_modelfile", scratch / "adapter.Modelfile", chat, base_name,
                          adapter=lora_name, add_bos=llamacpp.gguf_adds_bos(base_gguf),
-                         system=config.task.system_prompt, console=console)
+                         system=plan.system_prompt, console=console)
     return ready, record
 
 
@@ -315,12 +317,26 @@ def _warn_unless_shipped(verdict: Verdict | None, run: RunDir, console: Console)
                                     f"{verdict.reason}"))
 
 
-def _record(run: RunDir, config: Config, dtype: torch.dtype, files: list[str]) -> WeightsRecord:
-    """The merged model's tunewise.json: the adapter's record (step, chat format, training) plus the export's."""
-    record = WeightsRecord.read(run.adapter_provenance)
-    record.export = {"provenance": Provenance.of(run, config.seeds).to_json(),
-                     "merged_dtype": str(dtype).removeprefix("torch."), "files": files}
+def trained_record(run: RunDir) -> WeightsRecord:
+    """The adapter's tunewise.json, with the training plan export reads (base, task, system prompt,
+    method, learning rate, adapter shape, seeds) instead of the config's defaults."""
+    where = run.adapter_provenance
+    record = WeightsRecord.read(where) if where.exists() else None
+    if record is None or record.plan is None:
+        raise TunewiseError(
+            "the trained weights do not record their training plan (trained by a tunewise before the plan was "
+            "saved with the weights), so export cannot say how they were trained", file=where,
+            fix=f"train the run again with this tunewise: tunewise stage train {run.root}; or export with the "
+                "tunewise that trained it")
     return record
+
+
+def _merged_record(run: RunDir, record: WeightsRecord, dtype: torch.dtype, files: list[str]) -> WeightsRecord:
+    """The merged model's tunewise.json: the adapter's record (step, chat format, plan) plus the export's."""
+    merged = WeightsRecord.from_json(record.to_json())
+    merged.export = {"provenance": Provenance.of(run, Seeds(**record.plan.seeds)).to_json(),
+                     "merged_dtype": str(dtype).removeprefix("torch."), "files": files}
+    return merged
 
 
 # --- the model card ---------------------------------------------------------------------------
@@ -349,24 +365,22 @@ METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (4-bit NF4 base)
                 "orpo": "LoRA trained with ORPO"}
 
 
-def _method(adapter: Path, summary: TrainSummary | None) -> str:
-    """The method as training ran it: the method and learning rate training resolved (its summary in
-    the adapter's tunewise.json) and the LoRA shape PEFT saved (adapter_config.json), not the
-    config's unset defaults."""
-    method = summary.method if summary is not None else "lora"
-    if method == "full":
+def _method(plan: TrainPlan, summary: TrainSummary | None) -> str:
+    """The method as training ran it, from the plan saved with the weights: the method, the adapter's
+    shape and the learning rate training resolved, not the config's unset defaults."""
+    shape = plan.adapter
+    if plan.method == "full":
         text = "full fine-tuning (every weight)"
     else:
-        weights = weights_in(adapter)
-        peft = read_json(weights.config_file) if weights.is_adapter else {}
-        targets = peft.get("target_modules") or []
+        targets = shape.get("target_modules") or []
         targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
-        text = (f"{METHOD_NAMES.get(method, method)} (r={peft.get('r')}, alpha={peft.get('lora_alpha')}, "
-                f"dropout={peft.get('lora_dropout')}, target modules: {targets})")
+        text = (f"{METHOD_NAMES.get(plan.method, plan.method)} (r={shape.get('r')}, alpha={shape.get('alpha')}, "
+                f"dropout={shape.get('dropout')}, target modules: {targets})")
+    text += (f", learning rate {plan.lr:g}{' (the default for ' + plan.method + ')' if plan.lr_default else ''}, "
+             f"{plan.schedule} schedule, global batch {plan.global_batch}, {plan.epochs} epoch(s)")
     if summary is not None:
-        text += (f", learning rate {summary.lr:g}, {summary.epochs} epoch(s), {summary.steps} steps on "
-                 f"{summary.train_examples} examples; best validation loss {summary.best_val_loss:.4f} at step "
-                 f"{summary.best_step} (kept)")
+        text += (f", {summary.steps} steps on {summary.train_examples} examples; best validation loss "
+                 f"{summary.best_val_loss:.4f} at step {summary.best_step} (kept)")
     return text
 
 
@@ -397,12 +411,12 @@ def _verdict_section(verdict: Verdict | None) -> list[str]:
     return lines + [""]
 
 
-def _limits(verdict: Verdict | None, config: Config, manifest: DataManifest | None) -> list[str]:
+def _limits(verdict: Verdict | None, base: str, manifest: DataManifest | None) -> list[str]:
     counts = manifest.counts if manifest else {}
     lines = ["## Limits", "",
              f"- Evaluated only on the held-out test split of the same data ({counts.get('test', '?')} items); "
              "performance on other inputs is unmeasured.",
-             f"- Inherits the base model's ({config.model.base}) knowledge, biases and context limits.",
+             f"- Inherits the base model's ({base}) knowledge, biases and context limits.",
              "- GGUF files in 4-8 bits are quantized: their outputs can differ slightly from the merged model."]
     flags = verdict.red_flags if verdict is not None else []
     if verdict is not None and not verdict.shipped:
@@ -427,23 +441,23 @@ def _parity_lines(parity: dict | None) -> list[str]:
     return lines
 
 
-def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: torch.dtype, files: list[str],
-               parity: dict | None = None) -> str:
-    """README.md for the export: base, method, data version, verdict, metrics, intended use, limits."""
+def model_card(run: RunDir, record: WeightsRecord, verdict: Verdict | None, *, dtype: torch.dtype,
+               files: list[str], parity: dict | None = None) -> str:
+    """README.md for the export: base, method, data version, verdict, metrics, intended use, limits;
+    `record` is the trained weights' tunewise.json (trained_record: it has the plan)."""
     manifest = DataManifest.read(run.manifest) if run.manifest.exists() else None
-    record = WeightsRecord.read(run.adapter_provenance) if run.adapter_provenance.exists() else None
-    provenance = record.provenance if record is not None else None
+    plan, provenance = record.plan, record.provenance
     dataset = (manifest.version if manifest else None) or (provenance.dataset_version if provenance else None) \
         or "unknown"
     counts = manifest.counts if manifest else {}
     arms = list(verdict.means) if verdict is not None else ["finetuned"]
     lines = [
-        "---", f"base_model: {config.model.base}", "library_name: transformers",
-        "pipeline_tag: text-generation", "tags: [tunewise, lora, merged]", "---", "",
-        f"# {config.task.name}: {config.model.base} fine-tuned with tunewise", "",
+        "---", f"base_model: {plan.base}", "library_name: transformers",
+        "pipeline_tag: text-generation", f"tags: [tunewise, {plan.method.replace('_', '-')}, merged]", "---", "",
+        f"# {plan.task}: {plan.base} fine-tuned with tunewise", "",
         "## Model", "",
-        f"- Base model: `{config.model.base}`",
-        f"- Method: {_method(run.adapter, record.train if record else None)}; merged into the base weights in float32 "
+        f"- Base model: `{plan.base}`",
+        f"- Method: {_method(plan, record.train)}; merged into the base weights in float32 "
         f"(PEFT `merge_and_unload`), saved in {str(dtype).removeprefix('torch.')}",
         f"- Dataset version: `{dataset}` (train/val/test: {counts.get('train', '?')}/{counts.get('val', '?')}/"
         f"{counts.get('test', '?')} examples, {manifest.split_strategy if manifest else '?'} split)",
@@ -454,12 +468,12 @@ def model_card(run: RunDir, config: Config, verdict: Verdict | None, *, dtype: t
         "## Metrics", "", "Mean on the held-out test split, with 95% bootstrap interval.", "",
         metric_table(run, arms),
         "## Intended use", "",
-        f"The task `{config.task.name}`, on inputs like the training data. Prompt it the way it was trained: "
+        f"The task `{plan.task}`, on inputs like the training data. Prompt it the way it was trained: "
         "through the chat template shipped with the tokenizer"
-        + (f", with this system prompt:\n\n> {config.task.system_prompt}" if config.task.system_prompt else "")
+        + (f", with this system prompt:\n\n> {plan.system_prompt}" if plan.system_prompt else "")
         + "\n\nGeneration stops at the end-of-turn token (generation_config.json / the GGUF's eos and eot ids; "
         "the Modelfile's `PARAMETER stop` lines for Ollama).", "",
-        *_limits(verdict, config, manifest),
+        *_limits(verdict, plan.base, manifest),
         "## Provenance", "",
         "Libraries at training time: "
         + (", ".join(f"{k} {v}" for k, v in (provenance.libraries if provenance else {}).items()) or "n/a") + ".",

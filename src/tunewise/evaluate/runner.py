@@ -19,10 +19,11 @@ from tunewise.artifacts import (
     DataManifest,
     Provenance,
     RegressionMetrics,
+    Seeds,
     WeightsKind,
     weights_in,
 )
-from tunewise.config import Config, EndpointConfig
+from tunewise.config import EndpointConfig, ModelConfig
 from tunewise.data import Example, load_split
 from tunewise.data.outputs import normalize_label, parse_json
 from tunewise.data.records import Message
@@ -47,6 +48,25 @@ from tunewise.runs import RunDir, atomic_write_jsonl, read_jsonl
 
 GENERATION_VERSION = 3  # bump when generation changes outputs (2: adapters unmerged; 3: the family's stop tokens)
 MAX_CONFUSION_LABELS = 20
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The baseline and evaluate stages' inputs, built once by the pipeline (settings.py)."""
+
+    model: ModelConfig  # base model and chat template: the prompts every local arm renders
+    system_prompt: str
+    few_shot_k: int
+    max_new_tokens: int | None  # None: derived from the longest training output
+    batch_size: int
+    max_test: int | None
+    primary_metric: str | None  # None: the output type's default
+    json_schema: dict | None  # None: inferred from the training outputs
+    bootstrap_samples: int
+    alpha: float
+    cache: bool
+    seeds: Seeds  # eval: few-shot picks and bootstrap resamples; all three go into provenance
+    config_file: Path | None = None  # named in errors about eval.* keys
 
 
 @dataclass
@@ -100,8 +120,8 @@ class RemoteGenerator:
 Generator = LocalGenerator | RemoteGenerator
 
 
-def open_cache(config: Config) -> GenerationCache:
-    return GenerationCache(default_path() if config.eval.cache else None)
+def open_cache(enabled: bool) -> GenerationCache:
+    return GenerationCache(default_path() if enabled else None)
 
 
 def generate_cached(
@@ -124,23 +144,23 @@ def output_type(run: RunDir) -> str:
     return DataManifest.read(run.manifest).output_type
 
 
-def max_new_tokens(config: Config, tokenizer, train: list[Example]) -> int:
-    """Twice the longest training output in tokens plus 32: room for a verbose base model to
-    finish its answer, so a baseline is not scored invalid only because it was cut off."""
-    if config.eval.max_new_tokens:
-        return config.eval.max_new_tokens
+def max_new_tokens(given: int | None, tokenizer, train: list[Example]) -> int:
+    """`given`, else twice the longest training output in tokens plus 32: room for a verbose base
+    model to finish its answer, so a baseline is not scored invalid only because it was cut off."""
+    if given:
+        return given
     longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in train)
     return min(1024, 2 * longest + 32)
 
 
-def test_items(run: RunDir, config: Config) -> list[Example]:
+def test_items(run: RunDir, max_test: int | None) -> list[Example]:
     test = load_split(run.split("test"))
-    return test[: config.eval.max_test] if config.eval.max_test else test
+    return test[:max_test] if max_test else test
 
 
-def primary_metric(config: Config, kind: str, available: list[str], where: Path | None = None) -> str:
-    """The verdict's metric: the config's choice if it exists for this output type, else the type's default."""
-    chosen = config.eval.primary_metric or PRIMARY[kind]
+def primary_metric(chosen: str | None, kind: str, available: list[str], where: Path | None = None) -> str:
+    """The verdict's metric: `chosen` if it exists for this output type, else the type's default."""
+    chosen = chosen or PRIMARY[kind]
     if chosen not in available:
         raise TunewiseError(
             f"metric '{chosen}' is not computed for {kind} outputs", file=where, field="eval.primary_metric",
@@ -217,28 +237,28 @@ def endpoint_of(cfg: EndpointConfig | object, where: str) -> Endpoint:
                     concurrency=cfg.concurrency)
 
 
-def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], console: Console) -> None:
+def evaluate_arms(run: RunDir, ev: EvalSettings, arms: dict[str, Generator], console: Console) -> None:
     """Generate, score and write predictions/<arm>.jsonl and metrics/<arm>.json for each arm.
 
     Built-in arms build their prompts from the test item (and shots); endpoint arms get the
     zero-shot prompt, as a user of that model would send it."""
     local = next((gen for gen in arms.values() if isinstance(gen, LocalGenerator)), None)
-    chat = local.chat if local is not None else base_chat(config.model)  # built (and checked) once per stage
+    chat = local.chat if local is not None else base_chat(ev.model)  # built (and checked) once per stage
     train = load_split(run.split("train"))
-    test = test_items(run, config)
+    test = test_items(run, ev.max_test)
     kind = output_type(run)
-    budget = max_new_tokens(config, chat.tokenizer, train)
-    fixed = pick_shots(train, config.eval.few_shot_k, config.eval.seed)
+    budget = max_new_tokens(ev.max_new_tokens, chat.tokenizer, train)
+    fixed = pick_shots(train, ev.few_shot_k, ev.seeds.eval)
     schema = None
     if kind == "json":
-        schema = config.eval.json_schema or infer_schema([e.target for e in train])
+        schema = ev.json_schema or infer_schema([e.target for e in train])
     references = [e.target for e in test]
-    cache = open_cache(config)
+    cache = open_cache(ev.cache)
     for arm, gen in arms.items():
         shots = [fixed] * len(test)
         if arm == "retrieved_few_shot":
-            shots = retrieve_shots(train, test, config.eval.few_shot_k, run.index)
-        prompts = build_prompts(arm, test, config.task.system_prompt, shots)
+            shots = retrieve_shots(train, test, ev.few_shot_k, run.index)
+        prompts = build_prompts(arm, test, ev.system_prompt, shots)
         answers = [gen.split(o) for o in generate_cached(gen, cache, prompts, budget, console, arm)]
         outputs = [a.text for a in answers]  # scored without the reasoning block
         scores = score_items(kind, outputs, references, schema=schema)
@@ -250,24 +270,24 @@ def evaluate_arms(run: RunDir, config: Config, arms: dict[str, Generator], conso
             for e, r, a, s, item_shots in zip(test, references, answers, scores, shots)
         ]
         atomic_write_jsonl(run.predictions(arm), rows)
-        ev = config.eval
         intervals = metric_intervals(scores, outputs, references, kind=kind, samples=ev.bootstrap_samples,
-                                     alpha=ev.alpha, seed=ev.seed)
+                                     alpha=ev.alpha, seed=ev.seeds.eval)
         metrics = ArmMetrics(
             output_type=kind, n=len(scores), metrics=intervals, confusion=confusions(kind, outputs, references),
-            arm=arm, primary=primary_metric(config, kind, list(intervals), run.config), model=gen.fingerprint,
+            arm=arm, primary=primary_metric(ev.primary_metric, kind, list(intervals), ev.config_file),
+            model=gen.fingerprint,
             shots=[s.source for s in fixed] if arm == "few_shot" else [], json_schema=schema,
-            max_new_tokens=budget, provenance=Provenance.of(run, config.seeds))
+            max_new_tokens=budget, provenance=Provenance.of(run, ev.seeds))
         metrics.write(run.metrics(arm))
         primary, value = metrics.primary, metrics.interval()
         console.print(f"  {arm}: {primary} = {value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
 
 
-def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerator,
+def evaluate_regression(run: RunDir, ev: EvalSettings, who: str, gen: LocalGenerator,
                         console: Console) -> RegressionMetrics:
     """Score base or fine-tune on tunewise's general regression set (the forgetting check)."""
     items = forgetting.load_regression_set()
-    raw = generate_cached(gen, open_cache(config), forgetting.prompts(items), forgetting.MAX_NEW_TOKENS, console,
+    raw = generate_cached(gen, open_cache(ev.cache), forgetting.prompts(items), forgetting.MAX_NEW_TOKENS, console,
                           f"regression set ({who})")
     outputs = [gen.split(o).text for o in raw]
     scores = forgetting.score(items, outputs)
@@ -275,44 +295,43 @@ def evaluate_regression(run: RunDir, config: Config, who: str, gen: LocalGenerat
         {"id": it.id, "category": it.category, "prompt": it.prompt, "output": o, "passed": s}
         for it, o, s in zip(items, outputs, scores)
     ])
-    interval = bootstrap_ci(scores, samples=config.eval.bootstrap_samples, alpha=config.eval.alpha,
-                            seed=config.eval.seed)
+    interval = bootstrap_ci(scores, samples=ev.bootstrap_samples, alpha=ev.alpha, seed=ev.seeds.eval)
     by_category: dict[str, list[float]] = {}
     for it, s in zip(items, scores):
         by_category.setdefault(it.category, []).append(s)
     metrics = RegressionMetrics(who=who, n=len(items), accuracy=interval.to_dict(),
                                 by_category={c: sum(v) / len(v) for c, v in by_category.items()},
-                                model=gen.fingerprint, provenance=Provenance.of(run, config.seeds))
+                                model=gen.fingerprint, provenance=Provenance.of(run, ev.seeds))
     metrics.write(run.regression_metrics(who))
     console.print(f"  regression set ({who}): accuracy {interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]")
     return metrics
 
 
-def load_base_for_eval(config: Config) -> LocalGenerator:
-    path = resolve_base(config.model.base)
+def load_base_for_eval(model_config: ModelConfig, batch_size: int) -> LocalGenerator:
+    path = resolve_base(model_config.base)
     place = placement()
     model = load_model(path, dtype=place.dtype, place=place, spread=True)
-    return LocalGenerator(model, base_chat(config.model), model_fingerprint(path), config.eval.batch_size)
+    return LocalGenerator(model, base_chat(model_config), model_fingerprint(path), batch_size)
 
 
-def load_finetuned_for_eval(run: RunDir, config: Config) -> LocalGenerator:
+def load_finetuned_for_eval(run: RunDir, model_config: ModelConfig, batch_size: int) -> LocalGenerator:
     """Base + the run's adapter, unmerged: the weights `tunewise serve` runs. Merging in bf16 rounds
     base + B@A into new weights and changed 10% of the demo's greedy outputs (135/150 identical),
     so the evaluated model would not be the served one; unmerged costs little here (see bench/README.md)."""
     from peft import PeftModel
 
-    path = resolve_base(config.model.base)
+    path = resolve_base(model_config.base)
     if weights_in(run.adapter).kind is WeightsKind.WHOLE_MODEL:  # method: full wrote a whole model
         place = placement()
         model = load_model(run.adapter, dtype=place.dtype, place=place, spread=True).eval()
-        return LocalGenerator(model, base_chat(config.model), model_fingerprint(run.adapter), config.eval.batch_size)
-    base = load_base_for_eval(config)
+        return LocalGenerator(model, base_chat(model_config), model_fingerprint(run.adapter), batch_size)
+    base = load_base_for_eval(model_config, batch_size)
     model = PeftModel.from_pretrained(base.model, run.adapter).eval()
-    return LocalGenerator(model, base.chat, model_fingerprint(path, run.adapter), config.eval.batch_size)
+    return LocalGenerator(model, base.chat, model_fingerprint(path, run.adapter), batch_size)
 
 
-def endpoint_arms(config: Config) -> dict[str, RemoteGenerator]:
-    return {e.name: RemoteGenerator(endpoint_of(e, f"eval.endpoints[{e.name}]")) for e in config.eval.endpoints}
+def endpoint_arms(endpoints: list[EndpointConfig]) -> dict[str, RemoteGenerator]:
+    return {e.name: RemoteGenerator(endpoint_of(e, f"eval.endpoints[{e.name}]")) for e in endpoints}
 
 
 def arm_scores(run: RunDir, arm: str) -> list[dict[str, float]]:

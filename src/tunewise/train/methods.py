@@ -18,13 +18,10 @@ from typing import Callable
 
 import torch
 
-from tunewise.config import Config
 from tunewise.errors import TunewiseError
 from tunewise.models import load_model
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-DEFAULT_LR = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5, "prompt_tuning": 3e-2, "dpo": 5e-5,
-              "orpo": 1e-4}
 
 
 @dataclass
@@ -34,6 +31,7 @@ class Trainable:
     params: list[torch.nn.Parameter]  # the trained weights, fp32
     prefix: Callable[[int], torch.Tensor] | None  # prompt tuning: batch size -> (B, P, H) soft prompt
     describe: str
+    shape: dict  # the adapter as built (plan.adapter_shape with LoRA targets resolved); {} for full
 
     @property
     def is_adapter(self) -> bool:
@@ -61,10 +59,6 @@ def target_modules(model, preset: str | list[str]) -> str | list[str]:
             fix=f"choose from: {', '.join(sorted(present))} (or the presets 'attention', 'all-linear')",
         )
     return wanted
-
-
-def learning_rate(config: Config) -> float:
-    return config.train.lr or DEFAULT_LR[config.method]
 
 
 def _quantized_base(base_path: Path, dtype: torch.dtype):
@@ -99,50 +93,49 @@ def _quantized_base(base_path: Path, dtype: torch.dtype):
     return model
 
 
-def build(config: Config, base_path: Path, dtype: torch.dtype, place=None) -> Trainable:
-    """The model for `config.method`, with only the weights that method trains requiring grad;
-    loaded straight onto `place`'s device (a models.device.Placement) where it is not the CPU."""
+def build(method: str, shape: dict, base_path: Path, dtype: torch.dtype, place=None) -> Trainable:
+    """The model for `method`, with the adapter `shape` (plan.adapter_shape) and only the weights
+    that method trains requiring grad; loaded straight onto `place`'s device (a
+    models.device.Placement) where it is not the CPU."""
     from peft import get_peft_model
 
-    method, lora = config.method, config.lora
     if method == "full":
         model = load_model(base_path, dtype=torch.float32, place=place)  # fp32 master weights; autocast computes in `dtype`
         model.config.use_cache = False
         params = list(model.parameters())
         for p in params:
             p.requires_grad_(True)
-        return Trainable(model, model, params, None, "full fine-tuning (every weight, fp32 master copy)")
+        return Trainable(model, model, params, None, "full fine-tuning (every weight, fp32 master copy)", {})
 
     base = _quantized_base(base_path, dtype) if method == "qlora" else load_model(base_path, dtype=dtype, place=place)
     base.config.use_cache = False
     if method == "prompt_tuning":
         from peft import PromptTuningConfig
 
-        pt = config.prompt_tuning
-        text = pt.init_text if pt.init_text is not None else config.task.system_prompt or None
+        text = shape["init_text"]
         peft_config = PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=pt.virtual_tokens,
+            task_type="CAUSAL_LM", num_virtual_tokens=shape["virtual_tokens"],
             prompt_tuning_init="TEXT" if text else "RANDOM", prompt_tuning_init_text=text,
             tokenizer_name_or_path=str(base_path) if text else None,
         )
-        describe = f"prompt tuning ({pt.virtual_tokens} virtual tokens, init {'from text' if text else 'random'})"
+        describe = f"prompt tuning ({shape['virtual_tokens']} virtual tokens, init {'from text' if text else 'random'})"
     else:
         from peft import LoraConfig
 
+        shape = {**shape, "target_modules": target_modules(base, shape["target_modules"])}
         peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha or 2 * lora.r, lora_dropout=lora.dropout, bias=lora.bias,
-            target_modules=target_modules(base, lora.target_modules), use_dora=method == "dora",
-            task_type="CAUSAL_LM",
+            r=shape["r"], lora_alpha=shape["alpha"], lora_dropout=shape["dropout"], bias=shape["bias"],
+            target_modules=shape["target_modules"], use_dora=shape["use_dora"], task_type="CAUSAL_LM",
         )
         kind = {"dora": "DoRA", "qlora": "QLoRA (4-bit NF4 base, double quantization)"}.get(method, "LoRA")
         objective = {"dpo": " trained with DPO", "orpo": " trained with ORPO"}.get(method, "")
-        describe = f"{kind} r={lora.r} alpha={lora.alpha or 2 * lora.r}{objective}"
+        describe = f"{kind} r={shape['r']} alpha={shape['alpha']}{objective}"
     model = get_peft_model(base, peft_config)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     prefix = (lambda batch: model.get_prompt(batch)) if method == "prompt_tuning" else None
-    return Trainable(model, model.get_base_model(), params, prefix, describe)
+    return Trainable(model, model.get_base_model(), params, prefix, describe, shape)
 
 
 def peak_memory_mib() -> float:

@@ -3,7 +3,7 @@
 The training loop opens one tracker on the main process and logs each row of its train log
 and, at the end, the summary and the run's artifacts:
 
-    with open_tracker(config, run, console) as tracker:
+    with open_tracker(settings, run, console) as tracker:
         tracker.log_metrics({"step": 10, "train_loss": 1.9, "lr": 2e-4})
         tracker.log_summary(summary, artifacts=[run.config, run.adapter])
 
@@ -23,16 +23,15 @@ import json
 import logging
 import os
 import shlex
+from dataclasses import dataclass, replace
 from numbers import Real
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
-from tunewise.artifacts import Provenance
-from tunewise.config import Config, dump_config
+from tunewise.artifacts import Provenance, Seeds, TrainPlan
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, atomic_write_json, read_json
 
@@ -40,20 +39,20 @@ FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 _SHORT = 500  # longest non-numeric summary value logged as a tag
 
 
-def flat_config(config: Config) -> dict[str, Any]:
-    """The resolved config as dotted keys (`train.seed`) -> JSON values; lists and dicts stay whole."""
-    out: dict[str, Any] = {}
+@dataclass(frozen=True)
+class TrackSettings:
+    """What the tracker records, built once by the pipeline (settings.py)."""
 
-    def walk(model: BaseModel, dumped: dict[str, Any], prefix: str) -> None:
-        for name, value in dumped.items():
-            child = getattr(model, name)
-            if isinstance(child, BaseModel):
-                walk(child, value, f"{prefix}{name}.")
-            else:
-                out[f"{prefix}{name}"] = value
+    backend: str  # mlflow | wandb | tensorboard | none
+    experiment: str  # the task's name: MLflow experiment, W&B project
+    params: dict[str, Any]  # the resolved config as dotted keys (train.seed -> 0), then the training plan's
+    config_yaml: str  # the run's config.yaml, for TensorBoard's text tab
+    method: str
+    seeds: Seeds
 
-    walk(config, config.model_dump(mode="json"), "")
-    return out
+    def with_plan(self, plan: TrainPlan) -> "TrackSettings":
+        """These settings with the training plan's resolved values added to the params."""
+        return replace(self, params={**self.params, **plan.params()})
 
 
 def _as_text(value: Any) -> str:
@@ -68,11 +67,11 @@ def _numeric(row: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _provenance_tags(config: Config, run: RunDir) -> dict[str, str]:
-    prov = Provenance.of(run, config.seeds)
+def _provenance_tags(settings: TrackSettings, run: RunDir) -> dict[str, str]:
+    prov = Provenance.of(run, settings.seeds)
     tags = {
-        "seed": str(config.train.seed),
-        "method": config.method,
+        "seed": str(settings.seeds.train),
+        "method": settings.method,
         "run_dir": str(run.root.resolve()),
         **{f"libraries.{name}": version for name, version in prov.libraries.items()},
     }
@@ -117,7 +116,7 @@ def _quiet_mlflow() -> Iterator[None]:
 
 
 class _MlflowRun:
-    def __init__(self, config: Config, run: RunDir, console: Console) -> None:
+    def __init__(self, settings: TrackSettings, run: RunDir, console: Console) -> None:
         from mlflow import (
             MlflowClient,  # importing mlflow sets its loggers' levels: before quieting them
         )
@@ -128,9 +127,9 @@ class _MlflowRun:
         self.step = 0
         with _quiet_mlflow():  # a new store announces its tables and migrations at INFO
             self.client = MlflowClient(tracking_uri=self.uri)
-            self._open(config, run, console)
+            self._open(settings, run, console)
 
-    def _open(self, config: Config, run: RunDir, console: Console) -> None:
+    def _open(self, settings: TrackSettings, run: RunDir, console: Console) -> None:
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
         from mlflow.utils.validation import (
@@ -148,7 +147,7 @@ class _MlflowRun:
             if existing is not None and existing.info.lifecycle_stage != "active":
                 existing = None
         if existing is None:
-            name = config.task.name
+            name = settings.experiment
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
                 experiment_id = self.client.create_experiment(
@@ -171,10 +170,10 @@ class _MlflowRun:
             self.client.update_run(run_id, status="RUNNING")
 
         # params are write-once in MLflow: log the new keys; a changed value is noted in a tag
-        params = {k: _as_text(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flat_config(config).items()}
+        params = {k: _as_text(v)[:MAX_PARAM_VAL_LENGTH] for k, v in settings.params.items()}
         new = [Param(k, v) for k, v in params.items() if k not in logged]
         changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
-        tags = _provenance_tags(config, run)
+        tags = _provenance_tags(settings, run)
         if changed:
             tags["config_changed_on_resume"] = ", ".join(changed)[:_SHORT]
         for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
@@ -186,7 +185,7 @@ class _MlflowRun:
             self.client.log_artifact(self.run_id, str(run.config))
         _say(
             console,
-            f"tracking: MLflow ({verb} run {run.root.name} in experiment '{config.task.name}', {self.db}); "
+            f"tracking: MLflow ({verb} run {run.root.name} in experiment '{settings.experiment}', {self.db}); "
             f"view: mlflow ui --backend-store-uri {shlex.quote(self.uri)}",
         )
 
@@ -224,39 +223,39 @@ class _MlflowRun:
 
 
 class _WandbRun:
-    def __init__(self, config: Config, run: RunDir, console: Console) -> None:
+    def __init__(self, settings: TrackSettings, run: RunDir, console: Console) -> None:
         import wandb
 
         self.wandb = wandb
-        settings = wandb.Settings(
+        quiet = wandb.Settings(
             silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
             x_disable_machine_info=True, disable_git=True, save_code=False,
         )
-        wandb.setup(settings=settings)  # silent is process-wide in wandb: init's settings leave termlog on
+        wandb.setup(settings=quiet)  # silent is process-wide in wandb: init's settings leave termlog on
         try:
-            self._open(config, run, console, settings)
+            self._open(settings, run, console, quiet)
         except BaseException:
             wandb.teardown(exit_code=1)
             raise
 
-    def _open(self, config: Config, run: RunDir, console: Console, settings: Any) -> None:
+    def _open(self, settings: TrackSettings, run: RunDir, console: Console, quiet: Any) -> None:
         mode = os.environ.get("WANDB_MODE", "offline")
         self.run = self.wandb.init(
-            project=config.task.name,
+            project=settings.experiment,
             name=run.root.name,
             dir=str(run.root.resolve()),
-            config={**flat_config(config), **_provenance_tags(config, run)},
-            tags=[config.method],
+            config={**settings.params, **_provenance_tags(settings, run)},
+            tags=[settings.method],
             mode=mode,
             id=_stored_id(run, "wandb"),
             resume="allow",
-            settings=settings,
+            settings=quiet,
         )
         self.root_name = run.root.name
         if self.run.settings.mode == "disabled":
             _say(console, "tracking: off (W&B is disabled by WANDB_MODE=disabled)")
             return
-        _store_id(run, "wandb", run_id=self.run.id, project=config.task.name)
+        _store_id(run, "wandb", run_id=self.run.id, project=settings.experiment)
         folder = Path(self.run.dir).parent  # <run>/wandb/offline-run-<time>-<id>, one per session
         if self.run.offline:
             sessions = f"{shlex.quote(str(folder.parent))}/offline-run-*-{self.run.id}"
@@ -292,15 +291,15 @@ class _WandbRun:
 
 
 class _TensorboardRun:
-    def __init__(self, config: Config, run: RunDir, console: Console) -> None:
+    def __init__(self, settings: TrackSettings, run: RunDir, console: Console) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = run.root.resolve() / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.logdir), flush_secs=30)
         self.step = 0
         indent = lambda text: "".join(f"    {line}\n" for line in text.splitlines())  # noqa: E731  markdown code
-        self.writer.add_text("config", indent(dump_config(config)), 0)
-        tags = _provenance_tags(config, run)
+        self.writer.add_text("config", indent(settings.config_yaml), 0)
+        tags = _provenance_tags(settings, run)
         self.writer.add_text("provenance", indent("\n".join(f"{k}: {v}" for k, v in tags.items())), 0)
         _say(console, f"tracking: TensorBoard in {self.logdir}; view: tensorboard --logdir {shlex.quote(str(self.logdir))}")
 
@@ -377,25 +376,25 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def open_tracker(config: Config, run: RunDir, console: Console) -> Iterator[Tracker]:
-    """Track this training run with `config.track`; the tracked run's status follows the `with` block."""
-    backend_cls = _BACKENDS.get(config.track)
+def open_tracker(settings: TrackSettings, run: RunDir, console: Console) -> Iterator[Tracker]:
+    """Track this training run with `settings.backend`; the tracked run's status follows the `with` block."""
+    backend_cls = _BACKENDS.get(settings.backend)
     if backend_cls is None:
         backend: Any = _NoRun()
     else:
         try:
-            backend = backend_cls(config, run, console)
+            backend = backend_cls(settings, run, console)
         except TunewiseError:
             raise
         except Exception as err:
-            where = run.root.resolve().parent / "mlflow.db" if config.track == "mlflow" else run.root
+            where = run.root.resolve().parent / "mlflow.db" if settings.backend == "mlflow" else run.root
             cause = getattr(err, "orig", None) or err  # SQLAlchemy's own error, without the SQL it ran
             raise TunewiseError(
-                f"cannot open {config.track} tracking: {type(cause).__name__}: {cause}",
+                f"cannot open {settings.backend} tracking: {type(cause).__name__}: {cause}",
                 file=where,
                 field="track",
-                fix=f"pip install {config.track}; or set track: none" if isinstance(err, ImportError)
-                else _FIXES[config.track],
+                fix=f"pip install {settings.backend}; or set track: none" if isinstance(err, ImportError)
+                else _FIXES[settings.backend],
             ) from err
     tracker = Tracker(backend, console)
     status = FINISHED
