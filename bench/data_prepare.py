@@ -51,8 +51,9 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 def run_prepare(n: int) -> dict:
     """In this process: write n rows, prepare them, return seconds and peak RSS."""
-    from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
+    from tunewise.data import DataSettings, prepare
     from tunewise.models import load_chat, resolve_base
+    from tunewise.pipeline import write_data_folder
 
     # the model's ChatFormat counts tokens as training will see them (ChatFormat.count: the chat
     # encoded with its masks), so its cost is inside the timed prepare
@@ -63,7 +64,7 @@ def run_prepare(n: int) -> dict:
         settings = DataSettings(semantic_threshold=None)
         started = time.perf_counter()
         prepared = prepare([path], settings, chat=chat)
-        write_prepared(prepared, Path(tmp) / "out", settings, preview=preview_rows(chat, prepared.splits["train"], ""))
+        write_data_folder(prepared, Path(tmp) / "out", settings, chat)  # splits, manifest and the data report
         seconds = time.perf_counter() - started
     return {"n": n, "seconds": round(seconds, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "near_duplicates": prepared.counts.get("near_duplicates", 0), "train": prepared.counts["train"]}

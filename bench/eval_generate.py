@@ -4,7 +4,7 @@ Run: .venv/bin/python bench/eval_generate.py [--items 64] [--max-new-tokens M] [
 
 Both methods run greedy decoding on the embedded SmolLM2-135M-Instruct, loaded the way the
 evaluate stage loads it (`load_model(path, dtype=compute_dtype())`, `load_tokenizer(path)`):
-1. tunewise: `tunewise.evaluate.generate.generate` (batches of eval.batch_size, left padding,
+1. tunewise: `tunewise.models.generate.generate` (batches of eval.batch_size, left padding,
    KV cache, prompts sorted by length, stops when every row has ended its turn);
 2. reference: what a typical eval script does, one prompt at a time: `apply_chat_template(...,
    add_generation_prompt=True, return_tensors="pt")`, `model.generate(..., do_sample=False)`, decode.
@@ -105,8 +105,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tunewise.evaluate.arms import build_prompts
-    from tunewise.evaluate.generate import generate
     from tunewise.models import compute_dtype, load_chat, load_model, resolve_base
+    from tunewise.models.generate import generate
 
     if args.threads:
         torch.set_num_threads(args.threads)

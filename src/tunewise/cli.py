@@ -35,44 +35,10 @@ def _example_dir() -> Path:
     return Path(str(resources.files("tunewise") / "examples" / DEMO))
 
 
-def print_verdict(verdict, run_root: Path) -> None:
-    """The verdict (an artifacts.Verdict) as a table, the decision, the red flags."""
-    from tunewise.artifacts import ArmMetrics
-    from tunewise.runs import RunDir
+def _print_verdict(run, verdict) -> None:
+    from tunewise.report.terminal import print_verdict
 
-    if verdict is None:
-        console.print(f"no verdict yet: the run stopped before the verdict stage ({run_root})")
-        return
-    primary = verdict.primary_metric
-    table = Table(title=f"{primary} on {verdict.n_items} test items")
-    for column, justify in (("arm", "left"), ("mean", "right"), ("95% CI", "right"),
-                            ("fine-tune minus arm (paired 95% CI)", "right"), ("p", "right")):
-        table.add_column(column, justify=justify)
-    for arm, mean in verdict.means.items():
-        ci = ArmMetrics.read(RunDir(run_root).metrics(arm)).interval(primary)
-        style = "bold" if arm in ("finetuned", verdict.best_baseline) else ""
-        cmp = verdict.comparisons.get(arm)
-        diff = (f"{cmp['difference']['mean']:+.3f} [{cmp['difference']['low']:+.3f}, {cmp['difference']['high']:+.3f}]"
-                if cmp else "")
-        p = f"{cmp['test']['p_value']:.3g}" if cmp else ""
-        name = arm if arm == "finetuned" or arm in verdict.baselines else f"{arm} (reference)"
-        table.add_row(name, f"{mean:.3f}", f"[{ci['low']:.3f}, {ci['high']:.3f}]", diff, p, style=style)
-    console.print(table)
-    if verdict.regression is not None:
-        base, ft = verdict.regression["base"], verdict.regression["finetuned"]
-        console.print(f"general regression set: base {base['mean']:.3f}, fine-tune {ft['mean']:.3f}")
-    pairwise = (verdict.judge or {}).get("pairwise")
-    if pairwise and pairwise["win_rate_a"]["mean"] is not None:
-        win = pairwise["win_rate_a"]
-        console.print(f"judge: fine-tune vs {pairwise['arm_b']} win rate {win['mean']:.3f} "
-                      f"[{win['low']:.3f}, {win['high']:.3f}] over {pairwise['consistent']} order-consistent items, "
-                      f"position-inconsistent {pairwise['position_inconsistency_rate']:.1%}")
-    colour = "green" if verdict.shipped else "red"
-    console.print(Text(verdict.decision.value, style=f"bold {colour}"), Text(verdict.reason))
-    for flag in verdict.red_flags:
-        tag = "red flag (blocks SHIP)" if flag["blocking"] else "red flag"
-        console.print(Text(f"{tag}: {flag['message']}", style="yellow"))
-    console.print(f"report: {run_root / 'report.html'}")
+    print_verdict(console, verdict, run)
 
 
 @app.command()
@@ -104,7 +70,7 @@ def run(
         run_dir, verdict = run_pipeline(config, set_, runs, console)
     else:
         raise TunewiseError("nothing to run", fix="pass -c tunewise.yaml (or --resume RUN_DIR)")
-    print_verdict(verdict, run_dir.root)
+    _print_verdict(run_dir, verdict)
 
 
 @app.command()
@@ -113,34 +79,12 @@ def train(
 ) -> None:
     """Train a run (from its newest checkpoint after a crash, Ctrl-C or kill -9). Under
     `torchrun --nproc_per_node N -m tunewise train --resume RUN` it trains data-parallel."""
-    from tunewise.artifacts import TrainSummary
-    from tunewise.config import load_config
-    from tunewise.pipeline import resume_pipeline
-    from tunewise.runs import open_run_dir
-    from tunewise.settings import track_settings, train_settings
-    from tunewise.train.distributed import init_distributed
-    from tunewise.train.loop import train_model
+    from tunewise.pipeline import train_run
+    from tunewise.report.terminal import print_trained
 
-    run = open_run_dir(resume)
-    if (run.adapter_provenance).exists() and run.train_summary.exists():
-        console.print(f"{run.root} is already trained; next: tunewise run --resume {run.root}")
-        return
-    dist = init_distributed()
-    if dist.active:  # every process trains; the main one writes and reports
-        config = load_config(run.config)
-        train_model(run, train_settings(config), console, track_settings(config))
-        if not dist.main:
-            return
-        run_dir = run
-    else:
-        run_dir, _ = resume_pipeline(resume, console, only="train")
-    summary = TrainSummary.read(run_dir.train_summary)
-    resumed = summary.resumed_from_step
-    console.print(f"train done in {run_dir.root}: {summary.steps} steps"
-                  + (f" (resumed from step {resumed})" if resumed else "")
-                  + (", stopped early" if summary.stopped_early else "")
-                  + f"; best val loss {summary.best_val_loss:.4f} at step {summary.best_step}. "
-                  f"Next: tunewise run --resume {run_dir.root}")
+    summary = train_run(resume, console)
+    if summary is not None:
+        print_trained(console, summary, resume)
 
 
 @app.command()
@@ -191,7 +135,7 @@ def demo(
     from tunewise.pipeline import run_pipeline
 
     run_dir, verdict = run_pipeline(_example_dir() / "tunewise.yaml", set_, runs, console)
-    print_verdict(verdict, run_dir.root)
+    _print_verdict(run_dir, verdict)
 
 
 @app.command("eval")
@@ -203,7 +147,7 @@ def eval_(
     from tunewise.pipeline import evaluate_run
 
     run, verdict = evaluate_run(run_dir, set_, console)
-    print_verdict(verdict, run.root)
+    _print_verdict(run, verdict)
 
 
 @app.command()
@@ -227,6 +171,7 @@ def decide(
     from rich.prompt import Prompt
 
     from tunewise import decide as decide_api
+    from tunewise.report.terminal import print_decision
     from tunewise.runs import atomic_write_json
 
     if answers is not None:
@@ -240,13 +185,7 @@ def decide(
     else:
         raise TunewiseError("no answers and no terminal to ask them on", fix="pass --answers answers.yaml")
     decision = decide_api.recommend(given)
-    console.print(Text(decision.headline(), style="bold"))
-    for reason in decision.reasons:
-        console.print(f"  - {reason}", markup=False)
-    for warning in decision.warnings:
-        console.print(Text(f"  warning: {warning}", style="yellow"))
-    for step in decision.next_steps:
-        console.print(f"  next: {step}", markup=False)
+    print_decision(console, decision)
     if output is not None:
         atomic_write_json(output, decision.to_dict())
 
@@ -263,41 +202,15 @@ KeyOpt = Annotated[Optional[str], typer.Option(help="Field for split: group / ti
 EvalOpt = Annotated[list[Path], typer.Option("--eval-file", help="An eval set training must not overlap.")]
 
 
-def _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key,
-                          eval_file):
-    """Run the data stage in memory with settings from a config file or from the options:
-    returns (Prepared, DataSettings, chat format)."""
-    from tunewise.config import ModelConfig
-    from tunewise.data import prepare
-    from tunewise.models import base_chat
-
-    paths, settings, model_settings = _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split,
-                                         group_key, time_key, eval_file)
-    chat = base_chat(model_settings if isinstance(model_settings, ModelConfig) else ModelConfig(base=model_settings))
-    prepared = prepare(paths, settings, chat=chat, log=lambda m: console.print(m, markup=False))
-    return prepared, settings, chat
-
-
-def _data_inputs(files, config, map_, strict, model, max_seq_len, semantic, split, group_key, time_key, eval_file):
-    """Paths, DataSettings and base model name from a config file or from the options."""
-    from tunewise.config import load_config
+def _data_settings(*, map_, strict, max_seq_len, semantic, split, group_key, time_key, eval_file):
+    """The data options as DataSettings (a config file given with -c replaces them)."""
     from tunewise.data import DataSettings, parse_mapping
-    from tunewise.settings import data_settings
 
-    if config is not None:
-        cfg = load_config(config)
-        paths = [Path(p) for p in cfg.data.paths] if not files else list(files)
-        return paths, data_settings(cfg), cfg.model
-    if not files:
-        raise TunewiseError("no data files given", fix="pass one or more data files (or -c tunewise.yaml)")
     if split == "group" and not group_key or split == "time" and not time_key:
         raise TunewiseError(f"--split {split} needs --{split}-key FIELD", field="--split")
-    settings = DataSettings(
-        split=split, group_key=group_key, time_key=time_key, strict=strict, mapping=parse_mapping(map_),
-        max_seq_len=max_seq_len, semantic_threshold=0.95 if semantic else None,
-        eval_files=tuple(str(p) for p in eval_file),
-    )
-    return list(files), settings, model
+    return DataSettings(split=split, group_key=group_key, time_key=time_key, strict=strict,
+                        mapping=parse_mapping(map_), max_seq_len=max_seq_len,
+                        semantic_threshold=0.95 if semantic else None, eval_files=tuple(str(p) for p in eval_file))
 
 
 @data_app.command("check")
@@ -308,30 +221,13 @@ def data_check(
 ) -> None:
     """Validate, clean and split in memory; print a summary; write nothing. Exit 1 if rows were rejected."""
     from tunewise.data import preview_rows
+    from tunewise.pipeline import data_in_memory
+    from tunewise.report.terminal import print_data_check
 
-    prepared, settings, chat = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
-                                                          split, group_key, time_key, eval_file)
-    c = prepared.counts
-    table = Table(title="data check")
-    table.add_column("step")
-    table.add_column("rows", justify="right")
-    for key, value in c.items():
-        table.add_row(key.replace("_", " "), str(value))
-    console.print(table)
-    console.print(f"format: {', '.join(prepared.formats.values())}; outputs: {prepared.output_type}; "
-                  f"split: {prepared.split_strategy}")
-    if "tokens" in prepared.stats:
-        t = prepared.stats["tokens"]
-        console.print(f"tokens under the chat template: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
-    for warning in prepared.warnings:
-        console.print(Text(f"warning: {warning}", style="yellow"))
-    for problem in prepared.problems[:20]:
-        console.print(Text(f"rejected {problem}", style="red"))
-    if len(prepared.problems) > 20:
-        console.print(f"... and {len(prepared.problems) - 20} more")
-    console.print("preview of the first rows as they will be trained:")
-    for text in preview_rows(chat, prepared.splits["train"], settings.system_prompt, n=2):
-        console.print(Text(text, style="dim"))
+    options = _data_settings(map_=map_, strict=strict, max_seq_len=max_seq_len, semantic=semantic, split=split,
+                             group_key=group_key, time_key=time_key, eval_file=eval_file)
+    prepared, settings, chat = data_in_memory(files or [], config, options, model, console)
+    print_data_check(console, prepared, preview_rows(chat, prepared.splits["train"], settings.system_prompt, n=2))
     if prepared.problems:
         raise typer.Exit(1)
 
@@ -345,13 +241,13 @@ def data_prepare(
     split: SplitOpt = "auto", group_key: KeyOpt = None, time_key: KeyOpt = None, eval_file: EvalOpt = [],
 ) -> None:
     """Write train/val/test splits, rejected.jsonl, manifest.json and report.html into -o DIR."""
-    from tunewise.data import preview_rows, write_prepared
-    from tunewise.pipeline import print_data_summary
+    from tunewise.pipeline import data_in_memory, write_data_folder
+    from tunewise.report.terminal import print_data_summary
 
-    prepared, settings, chat = _prepare_from_options(files, config, map_, strict, model, max_seq_len, semantic,
-                                                          split, group_key, time_key, eval_file)
-    manifest = write_prepared(prepared, output, settings,
-                              preview=preview_rows(chat, prepared.splits["train"], settings.system_prompt))
+    options = _data_settings(map_=map_, strict=strict, max_seq_len=max_seq_len, semantic=semantic, split=split,
+                             group_key=group_key, time_key=time_key, eval_file=eval_file)
+    prepared, settings, chat = data_in_memory(files or [], config, options, model, console)
+    manifest = write_data_folder(prepared, output, settings, chat)
     print_data_summary(console, manifest, prepared.problems)
     console.print(f"wrote {output}/{{train,val,test}}.jsonl, rejected.jsonl, manifest.json, report.html")
 
@@ -432,36 +328,13 @@ def serve(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own code (off: safer).")] = False,
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible API, with the registry's canary routes."""
-    import os
+    from tunewise.deploy.serving import ServeSettings
+    from tunewise.deploy.serving import serve as serve_with
 
-    adapters = _adapter_options(adapter)
-    reg = None if no_registry else _registry(registry)
-    key = None
-    if api_key_env:
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise TunewiseError(f"the environment variable {api_key_env} is empty", field="--api-key-env",
-                                fix=f"export {api_key_env}=<key> first")
-    if engine == "vllm":
-        from tunewise.deploy.vllm import run_vllm, vllm_command, write_script
-        from tunewise.models import resolve_base
-
-        routed = {n: r.current for n, r in (reg.routes().items() if reg else []) if r.current is not None}
-        adapters |= {n: reg.resolve(v.name, v.version).path for n, v in routed.items()}
-        command = vllm_command(resolve_base(base), adapters, host=host, port=port,
-                               trust_remote_code=trust_remote_code)
-        script = write_script(command, Path("serve-vllm.sh").resolve(), api_key_env)
-        console.print(f"vLLM command (also in {script}):\n{' '.join(command)}")
-        if routed:
-            console.print("note: vLLM serves each registry name's current version; canary routes are tunewise serve's")
-        run_vllm(command, script, api_key_env)
-        return
-    if engine != "builtin":
-        raise TunewiseError(f"unknown engine '{engine}'", field="--engine", fix="builtin or vllm")
-    from tunewise.deploy import serve as run_server
-
-    run_server(base, adapters, registry=reg, host=host, port=port, api_key=key, max_batch=max_batch,
-               trust_remote_code=trust_remote_code, console=console)
+    settings = ServeSettings(base=base, adapters=_adapter_options(adapter),
+                             registry=None if no_registry else _registry(registry), host=host, port=port,
+                             api_key_env=api_key_env, max_batch=max_batch, trust_remote_code=trust_remote_code)
+    serve_with(engine, settings, console)
 
 
 def _version_row(table: Table, v, route) -> None:

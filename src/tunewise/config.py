@@ -14,8 +14,47 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunewise.artifacts import Seeds
-from tunewise.decide import Answers
 from tunewise.errors import TunewiseError
+
+
+class Answers(BaseModel):
+    """The `decide:` section: what the user knows about their project, one field per question in
+    decide.QUESTIONS (`tunewise decide` asks them; decide.recommend reads them)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    problem: Literal["behavior", "knowledge", "capability", "unsure"] = Field(
+        description="What the model gets wrong: behavior (format, style, a narrow task), "
+        "knowledge (facts it does not know), capability (reasoning it cannot do), or unsure."
+    )
+    changes_often: bool = Field(
+        description="Whether the requirement or the knowledge behind it changes weekly or faster."
+    )
+    n_examples: int = Field(ge=0, description="How many good input -> output examples exist.")
+    prompt_tried: bool = Field(
+        description="Whether a strong few-shot prompt was tried and measured on held-out examples."
+    )
+    prompt_meets_target: bool | None = Field(
+        default=None, description="Whether that measured prompt reached the quality target."
+    )
+    requests_per_day: int = Field(default=0, ge=0, description="Expected requests per day.")
+    latency_sensitive: bool = Field(default=False, description="Whether response time matters.")
+    private_data: bool = Field(default=False, description="Whether data must stay on own hardware.")
+    model_params_b: float = Field(
+        default=0.135, gt=0, description="Size of the base model, in billions of parameters."
+    )
+    gpu_memory_gb: float = Field(
+        default=0.0, ge=0, description="Memory of the largest GPU in GB; 0 means CPU only."
+    )
+
+    @model_validator(mode="after")
+    def _measured_prompt_has_result(self) -> Answers:
+        if self.prompt_tried and self.prompt_meets_target is None:
+            raise ValueError(
+                "prompt_tried is true, so prompt_meets_target must say whether the prompt "
+                "reached the quality target (true or false)"
+            )
+        return self
 
 
 class _Strict(BaseModel):

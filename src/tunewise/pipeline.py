@@ -20,10 +20,11 @@ from tunewise.artifacts import (
     JudgeSummary,
     Provenance,
     RegressionMetrics,
+    TrainSummary,
     Verdict,
 )
-from tunewise.config import Config, dump_config, load_config
-from tunewise.data import prepare, preview_rows, write_prepared
+from tunewise.config import Config, ModelConfig, dump_config, load_config
+from tunewise.data import DataSettings, prepare, preview_rows, write_prepared
 from tunewise.decide import recommend
 from tunewise.decide.framework import FEW_EXAMPLES
 from tunewise.errors import TunewiseError
@@ -46,7 +47,9 @@ from tunewise.evaluate.verdict import (
     refusal_flag,
 )
 from tunewise.models import base_chat
+from tunewise.report.data_report import write_data_report
 from tunewise.report.html import write_report
+from tunewise.report.terminal import print_chat, print_data_summary
 from tunewise.runs import (
     RunDir,
     atomic_write_jsonl,
@@ -62,6 +65,7 @@ from tunewise.settings import (
     track_settings,
     train_settings,
 )
+from tunewise.train.distributed import init_distributed
 from tunewise.train.loop import check_method_fits_data, train_model
 
 
@@ -94,42 +98,55 @@ def prepare_data(config: Config, config_path: str | Path, console: Console,
     return prepared, settings, chat
 
 
-def print_chat(console: Console, model: str, chat) -> None:
-    """One line on how the model is prompted (what training, evaluation and serving all use)."""
-    tok = chat.tokenizer
-    stops = ", ".join(tok.convert_ids_to_tokens(list(chat.stop_ids)))
-    console.print(Text.assemble(("model ", "bold"), (
-        f"{model}: chat template from {chat.source}; system prompt "
-        f"{'folded into the first user turn' if chat.fold_system else 'as a system turn'}; stops at {stops}"
-        + (f"; settings {chat.kwargs}" if chat.kwargs else ""))))
-    for warning in chat.warnings:
-        console.print(Text.assemble(("warning ", "yellow"), warning))
-
-
 def write_data(run: RunDir, config: Config, data: tuple, console: Console) -> DataManifest:
     """The prepared splits, manifest and data report into the run folder; prints the summary."""
     prepared, settings, chat = data
-    manifest = write_prepared(prepared, run.data, settings,
-                              preview=preview_rows(chat, prepared.splits["train"], config.task.system_prompt))
+    manifest = write_data_folder(prepared, run.data, settings, chat)
     print_data_summary(console, manifest, prepared.problems)
     return manifest
 
 
-def print_data_summary(console: Console, manifest: DataManifest, problems: list) -> None:
-    c = manifest.counts
-    removed = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in
-                        ("too_long", "exact_duplicates", "near_duplicates", "semantic_duplicates", "contaminated")
-                        if c.get(k))
-    console.print(
-        f"[bold]data[/] {c['read']} read, {c['rejected']} rejected{', ' + removed if removed else ''}; "
-        f"{manifest.split_strategy} split {c['train']}/{c['val']}/{c['test']} (dataset {manifest.version})"
-    )
-    for problem in problems[:10]:
-        console.print(Text.assemble(("  skipped ", "yellow"), str(problem)))
-    if len(problems) > 10:
-        console.print(f"  ... and {len(problems) - 10} more in data/rejected.jsonl")
-    for warning in manifest.warnings:
-        console.print(Text.assemble(("warning ", "yellow"), warning))
+def write_data_folder(prepared, out_dir: Path, settings: DataSettings, chat) -> DataManifest:
+    """Splits, rejected.jsonl, manifest.json and the data report (report.html) in `out_dir`, atomically;
+    the report previews the first rows under `chat`, the model's chat format (None: no preview)."""
+    preview = preview_rows(chat, prepared.splits["train"], settings.system_prompt) if chat is not None else []
+    return write_prepared(prepared, out_dir, settings, also=lambda folder, manifest: write_data_report(
+        prepared, manifest, folder / "report.html", preview=preview))
+
+
+def data_in_memory(files: list[Path], config_path: Path | None, settings: DataSettings, model: str,
+                   console: Console) -> tuple:
+    """`tunewise data check / prepare`: the data stage in memory, with the settings of a config
+    file when one is given (files given too replace its data.path), else `settings` and `model`.
+    Returns (prepared, settings, chat format)."""
+    if config_path is not None:
+        config = load_config(config_path)
+        paths = list(files) if files else [Path(p) for p in config.data.paths]
+        settings, model_config = data_settings(config), config.model
+    elif not files:
+        raise TunewiseError("no data files given", fix="pass one or more data files (or -c tunewise.yaml)")
+    else:
+        paths, model_config = list(files), ModelConfig(base=model)
+    chat = base_chat(model_config)
+    prepared = prepare(paths, settings, chat=chat, log=lambda m: console.print(m, markup=False))
+    return prepared, settings, chat
+
+
+def train_run(run_dir: str | Path, console: Console) -> TrainSummary | None:
+    """`tunewise train --resume RUN`: train the run (or continue its newest checkpoint). Under
+    torchrun every process trains and the main one writes; the others, and a run already
+    trained, return None."""
+    run = open_run_dir(run_dir)
+    if STAGES["train"][1](run, None):
+        console.print(f"{run.root} is already trained; next: tunewise run --resume {run.root}")
+        return None
+    dist = init_distributed()
+    if dist.active:
+        config = load_config(run.config)
+        summary = train_model(run, train_settings(config), console, track_settings(config))
+        return summary if dist.main else None
+    resume_pipeline(run.root, console, only="train")
+    return TrainSummary.read(run.train_summary)
 
 
 def stage_decide(run: RunDir, config: Config, console: Console) -> None:

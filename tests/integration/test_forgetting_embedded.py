@@ -7,8 +7,8 @@ import pytest
 from rich.console import Console
 
 from tunewise.evaluate import forgetting
-from tunewise.evaluate.generate import generate
 from tunewise.models import compute_dtype, load_chat, load_model
+from tunewise.models.generate import generate
 
 pytestmark = pytest.mark.integration
 

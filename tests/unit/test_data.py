@@ -12,6 +12,7 @@ from tunewise.data import DataSettings, parse_mapping, prepare, read_examples, w
 from tunewise.data.clean import drop_exact_duplicates
 from tunewise.errors import TunewiseError
 from tunewise.models import ChatFormat
+from tunewise.pipeline import write_data_folder
 from tunewise.runs import sha256_file
 
 FAST = dict(semantic_threshold=None)  # the MiniLM path has its own tests
@@ -118,8 +119,9 @@ def _prepared(tmp_path, rows, **settings):
 def test_split_is_80_10_10_stratified_disjoint_and_hashed(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", label_rows(200) + ["oops"])
     settings = DataSettings(**FAST)
-    prepared = prepare([path], settings, chat=ChatFormat.build(tokenizer, model="smollm2"))
-    manifest = write_prepared(prepared, tmp_path / "data", settings, preview=["<|im_start|>user ..."])
+    chat = ChatFormat.build(tokenizer, model="smollm2")
+    prepared = prepare([path], settings, chat=chat)
+    manifest = write_data_folder(prepared, tmp_path / "data", settings, chat)  # with the data report
     counts = manifest.counts
     assert (counts["train"], counts["val"], counts["test"], counts["rejected"], counts["read"]) == (160, 20, 20, 1, 201)
     assert manifest.split_strategy == "stratified" and manifest.output_type == "json"
@@ -140,10 +142,10 @@ def test_split_is_80_10_10_stratified_disjoint_and_hashed(tmp_path, tokenizer):
     assert "tokens" in manifest.stats and manifest.stats["tokens"]["max"] > 10
     html = (tmp_path / "data" / "report.html").read_text()
     assert manifest.version in html and "data:image/png;base64," in html and "oops" not in html
-    again = write_prepared(prepared, tmp_path / "data2", settings, preview=[])
+    again = write_prepared(prepared, tmp_path / "data2", settings)
     assert again.version == manifest.version
     other = prepare([path], DataSettings(**FAST, seed=1))
-    assert write_prepared(other, tmp_path / "data3", settings, preview=[]).version != manifest.version
+    assert write_prepared(other, tmp_path / "data3", settings).version != manifest.version
 
 
 def test_near_duplicates_are_clustered_and_reported(tmp_path):
@@ -238,10 +240,10 @@ def test_dataset_version_depends_on_content_not_on_the_folder(tmp_path):
         (tmp_path / folder).mkdir()
         path = write_jsonl(tmp_path / folder / "d.jsonl", rows)
         settings = DataSettings(**FAST)
-        versions.append(write_prepared(prepare([path], settings), tmp_path / folder / "out", settings, preview=[]).version)
+        versions.append(write_prepared(prepare([path], settings), tmp_path / folder / "out", settings).version)
     assert versions[0] == versions[1]
     changed = write_jsonl(tmp_path / "c.jsonl", label_rows(60, seed=1))
-    other = write_prepared(prepare([changed], DataSettings(**FAST)), tmp_path / "c", DataSettings(**FAST), preview=[])
+    other = write_prepared(prepare([changed], DataSettings(**FAST)), tmp_path / "c", DataSettings(**FAST))
     assert other.version != versions[0]
 
 
@@ -299,7 +301,7 @@ def test_strings_that_are_not_unicode_are_rejected_not_crashed_on(tmp_path):
     assert sorted(by_line) == [4, 6]
     assert "not valid Unicode" in by_line[4] and "U+D800" in by_line[4] and "'prompt'" in by_line[4]
     assert "\\ud83d" in by_line[6]
-    write_prepared(prepared, tmp_path / "out", settings, preview=[])
+    write_prepared(prepared, tmp_path / "out", settings)
     rejected = (tmp_path / "out" / "rejected.jsonl").read_text(encoding="utf-8")
     assert "U+D800" in rejected
     grouped = write_jsonl(tmp_path / "g.jsonl",

@@ -14,8 +14,9 @@ from tests.helpers import SHARED_INSTRUCTION as INSTRUCTION
 from tests.helpers import alpaca_rows as alpaca
 from tests.helpers import debian_rows as debian
 from tests.helpers import write_jsonl
-from tunewise.data import DataSettings, prepare, write_prepared
+from tunewise.data import DataSettings, prepare
 from tunewise.data.similar import SharedPhrasing
+from tunewise.pipeline import write_data_folder
 
 FAST = dict(semantic_threshold=None)  # MinHash and n-grams only: the property test runs many times
 
@@ -94,7 +95,7 @@ def test_the_data_report_explains_every_removal(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     settings = DataSettings(split="time", time_key="day", **FAST)
     prepared = prepare([path], settings)
-    manifest = write_prepared(prepared, tmp_path / "out", settings, preview=[])
+    manifest = write_data_folder(prepared, tmp_path / "out", settings, None)  # the pipeline's: with the report
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert manifest.conflicts == prepared.conflicts and manifest.shared_phrasing
     for text in ("Conflicting labels", "Shared phrasing", "a.jsonl:122", "a.jsonl:6", "whitespace and case aside",

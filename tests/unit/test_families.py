@@ -242,8 +242,8 @@ def test_generation_stops_at_end_of_turn_when_it_is_not_eos(tokenizer, tmp_path,
     """A real `generate` through the evaluate stage's batch function: a model that always says the
     family's end-of-turn token stops after it; stopping only at eos would run to the budget."""
     from tests.families import tiny_model_folder
-    from tunewise.evaluate.generate import generate_batch
     from tunewise.models import load_chat, load_model
+    from tunewise.models.generate import generate_batch
 
     folder = tiny_model_folder(name, family_tokenizer(name, tokenizer), tmp_path / name)
     chat = load_chat(folder, model=name)

@@ -21,8 +21,8 @@ from rich.console import Console
 from tests.openai_server import running as run_app
 from tunewise.deploy import check_adapter, create_app
 from tunewise.errors import TunewiseError
-from tunewise.evaluate.generate import generate, generate_batch
 from tunewise.models import ChatFormat, compute_dtype, load_model
+from tunewise.models.generate import generate, generate_batch
 
 KEY = "test-key"
 MAX_TOKENS = 10

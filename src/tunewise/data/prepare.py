@@ -1,8 +1,10 @@
 """The data stage: read and validate, clean, split, decontaminate, measure, write.
 
 `prepare` computes everything and writes nothing (`tunewise data check` stops there);
-`write_prepared` writes the splits, rejected.jsonl, manifest.json and the data report
-atomically. `tunewise data prepare` and `tunewise run` use the same two functions.
+`write_prepared` writes the splits, rejected.jsonl and manifest.json atomically, with whatever
+else the caller adds to the folder before it moves into place (the pipeline adds the data
+report: the data stage does not call the report). `tunewise data prepare` and `tunewise run`
+use the same two functions.
 
 What counts as a duplicate: the same chat (whitespace and case aside), or rows with the same
 answer whose inputs are nearly the same (MinHash) or mean the same (embeddings, with most of
@@ -304,10 +306,10 @@ def preview_rows(chat, examples: list[Example], system_prompt: str, n: int = 3) 
     return [chat.render(with_system(e.messages, system_prompt), generation_prompt=False) for e in examples[:n]]
 
 
-def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, preview: list[str]) -> DataManifest:
-    """Write splits, rejected.jsonl, manifest.json and report.html into `out_dir` atomically."""
-    from tunewise.report.data_report import write_data_report
-
+def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings,
+                   also: Callable[[Path, dict], None] | None = None) -> DataManifest:
+    """Write splits, rejected.jsonl and manifest.json into `out_dir` atomically; `also(folder,
+    manifest)` writes more files into the folder before it is moved into place."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -333,7 +335,8 @@ def write_prepared(prepared: Prepared, out_dir: Path, s: DataSettings, *, previe
         "contaminated": prepared.contaminated,
     }
     manifest["version"] = dataset_version(manifest)
-    write_data_report(prepared, manifest, tmp / "report.html", preview=preview)
+    if also is not None:
+        also(tmp, manifest)
     atomic_write_json(tmp / "manifest.json", manifest)
     replace_dir(tmp, out_dir)
     return DataManifest.from_json(manifest)

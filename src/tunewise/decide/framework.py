@@ -15,14 +15,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
     TypeAdapter,
     ValidationError,
-    model_validator,
 )
 
+from tunewise.config import Answers
 from tunewise.decide.estimate import Method, estimate_train_memory_gb
 from tunewise.errors import TunewiseError
 
@@ -35,45 +32,6 @@ HIGH_VOLUME = 100_000  # requests per day at which a small fine-tuned model pays
 CPU_MAX_PARAMS_B = 3.0  # the largest model that LoRA-trains on a CPU in reasonable time
 ASK_ATTEMPTS = 4  # the first ask and up to 3 re-asks
 EXAMPLE_FILE = "examples/debian-sections/decide-answers.yaml"
-
-
-class Answers(BaseModel):
-    """What the user knows about their project: one field per question in QUESTIONS."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
-
-    problem: Literal["behavior", "knowledge", "capability", "unsure"] = Field(
-        description="What the model gets wrong: behavior (format, style, a narrow task), "
-        "knowledge (facts it does not know), capability (reasoning it cannot do), or unsure."
-    )
-    changes_often: bool = Field(
-        description="Whether the requirement or the knowledge behind it changes weekly or faster."
-    )
-    n_examples: int = Field(ge=0, description="How many good input -> output examples exist.")
-    prompt_tried: bool = Field(
-        description="Whether a strong few-shot prompt was tried and measured on held-out examples."
-    )
-    prompt_meets_target: bool | None = Field(
-        default=None, description="Whether that measured prompt reached the quality target."
-    )
-    requests_per_day: int = Field(default=0, ge=0, description="Expected requests per day.")
-    latency_sensitive: bool = Field(default=False, description="Whether response time matters.")
-    private_data: bool = Field(default=False, description="Whether data must stay on own hardware.")
-    model_params_b: float = Field(
-        default=0.135, gt=0, description="Size of the base model, in billions of parameters."
-    )
-    gpu_memory_gb: float = Field(
-        default=0.0, ge=0, description="Memory of the largest GPU in GB; 0 means CPU only."
-    )
-
-    @model_validator(mode="after")
-    def _measured_prompt_has_result(self) -> Answers:
-        if self.prompt_tried and self.prompt_meets_target is None:
-            raise ValueError(
-                "prompt_tried is true, so prompt_meets_target must say whether the prompt "
-                "reached the quality target (true or false)"
-            )
-        return self
 
 
 @dataclass(frozen=True)
@@ -212,100 +170,18 @@ def recommend(answers: Answers) -> Decision:
     """Apply the rules in order; the first that decides returns, each adds its reason."""
     a = answers
     memory = {m: estimate_train_memory_gb(a.model_params_b, m) for m in ("qlora", "lora", "full")}
-
-    def no_finetune(rec: Recommendation, reasons: list[str], steps: list[str]) -> Decision:
-        return Decision(rec, None, reasons, steps, [], memory)
-
-    if a.problem == "knowledge":
-        reasons = [
-            "The model is missing facts: retrieval (RAG) puts the right documents into the "
-            "prompt at question time, while fine-tuning teaches behavior and is an unreliable, "
-            "hallucination-prone way to add facts."
-        ]
-        if a.changes_often:
-            reasons.append(
-                "Your knowledge changes weekly or faster, so a fine-tune would go stale within "
-                "days; a retrieval index is updated by re-indexing, with no retraining."
-            )
-        return no_finetune("rag", reasons, _RAG_STEPS)
-    if a.problem == "capability":
-        return no_finetune(
-            "stronger_model",
-            [
-                "The model cannot do the reasoning even with a good prompt: fine-tuning teaches "
-                "format and style, not new reasoning ability, so a stronger (larger or "
-                "reasoning-tuned) model is the fix."
-            ],
-            _STRONGER_STEPS,
-        )
-    if a.problem == "unsure":
-        return no_finetune(
-            "better_prompt",
-            [
-                "You are not sure yet what the model gets wrong. Find out cheaply first: measure "
-                "zero-shot and few-shot prompts on held-out examples (`tunewise run`) and "
-                "sort the failures. Wrong format or style is behavior, wrong or missing facts "
-                "are knowledge, wrong reasoning is capability."
-            ],
-            _PROMPT_STEPS,
-        )
-    if a.changes_often:
-        return no_finetune(
-            "better_prompt",
-            [
-                "The requirement changes weekly or faster: a prompt can be changed and "
-                "re-measured the same day, while a fine-tune needs new data and a new training "
-                "run for every change."
-            ],
-            _PROMPT_STEPS,
-        )
-    if not a.prompt_tried:
-        return no_finetune(
-            "better_prompt",
-            [
-                "No prompt has been measured yet: a strong prompt with few-shot examples often "
-                "closes the gap with no training, and without its score there is nothing for a "
-                "fine-tune to beat. tunewise's baselines measure zero-shot and few-shot prompts "
-                "for you (`tunewise run`)."
-            ],
-            _PROMPT_STEPS,
-        )
-
-    if a.prompt_meets_target:
-        serving = _serving_reasons(a)
-        if not serving:
-            return no_finetune(
-                "better_prompt",
-                [
-                    "Your measured prompt already meets the quality target, and neither volume "
-                    f"(over {HIGH_VOLUME:,} requests per day), latency nor private data calls "
-                    "for a small model of your own: a fine-tune would add training, hosting "
-                    "and upkeep for no gain."
-                ],
-                [
-                    "Ship the prompt, and keep the held-out examples as a regression test for "
-                    "every prompt change.",
-                    f"Run decide again if volume passes {HIGH_VOLUME:,} requests per day, "
-                    "latency starts to matter, or the data must move onto your own hardware.",
-                ],
-            )
-        reasons = [
-            "Your measured prompt already meets the quality target, so a fine-tune is for "
-            "serving, not quality: a small fine-tuned model can replace the big prompted one."
-        ] + serving
-    else:
-        reasons = [
-            "Your measured prompt misses the quality target and the problem is behavior, the "
-            "kind of gap fine-tuning closes."
-        ]
-
+    for verdict in (_not_a_behavior_problem(a), _prompt_is_enough(a)):
+        if verdict is not None:
+            recommendation, reasons, steps = verdict
+            return Decision(recommendation, None, reasons, steps, [], memory)
+    reasons = _why_finetune(a)
     if a.n_examples < MIN_EXAMPLES:
         reasons.append(
             f"You have {a.n_examples:,} good examples; a fine-tune needs at least {MIN_EXAMPLES} "
             f"({FEW_EXAMPLES} or more to be reliable). Collect and check more, and meanwhile use "
             "the best ones as few-shot examples in the prompt."
         )
-        return no_finetune("better_prompt", reasons, _PROMPT_STEPS)
+        return Decision("better_prompt", None, reasons, _PROMPT_STEPS, [], memory)
     warnings: list[str] = []
     if a.n_examples < FEW_EXAMPLES:
         warnings.append(
@@ -318,7 +194,6 @@ def recommend(answers: Answers) -> Decision:
             f"You have {a.n_examples:,} examples, enough for a fine-tune "
             f"({FEW_EXAMPLES} or more)."
         )
-
     method, method_reasons, method_warnings = _choose_method(a, memory)
     steps = [
         "Write a tunewise.yaml (`tunewise init DIR`) pointing at your examples.",
@@ -330,6 +205,103 @@ def recommend(answers: Answers) -> Decision:
     return Decision(
         "finetune", method, reasons + method_reasons, steps, warnings + method_warnings, memory
     )
+
+
+Refusal = tuple[Recommendation, list[str], list[str]]  # what to do instead, why, next steps
+
+
+def _not_a_behavior_problem(a: Answers) -> Refusal | None:
+    """Knowledge, capability, an unsorted problem, a moving requirement or an unmeasured prompt:
+    each has a cheaper fix than fine-tuning."""
+    if a.problem == "knowledge":
+        reasons = [
+            "The model is missing facts: retrieval (RAG) puts the right documents into the "
+            "prompt at question time, while fine-tuning teaches behavior and is an unreliable, "
+            "hallucination-prone way to add facts."
+        ]
+        if a.changes_often:
+            reasons.append(
+                "Your knowledge changes weekly or faster, so a fine-tune would go stale within "
+                "days; a retrieval index is updated by re-indexing, with no retraining."
+            )
+        return "rag", reasons, _RAG_STEPS
+    if a.problem == "capability":
+        return (
+            "stronger_model",
+            [
+                "The model cannot do the reasoning even with a good prompt: fine-tuning teaches "
+                "format and style, not new reasoning ability, so a stronger (larger or "
+                "reasoning-tuned) model is the fix."
+            ],
+            _STRONGER_STEPS,
+        )
+    if a.problem == "unsure":
+        return (
+            "better_prompt",
+            [
+                "You are not sure yet what the model gets wrong. Find out cheaply first: measure "
+                "zero-shot and few-shot prompts on held-out examples (`tunewise run`) and "
+                "sort the failures. Wrong format or style is behavior, wrong or missing facts "
+                "are knowledge, wrong reasoning is capability."
+            ],
+            _PROMPT_STEPS,
+        )
+    if a.changes_often:
+        return (
+            "better_prompt",
+            [
+                "The requirement changes weekly or faster: a prompt can be changed and "
+                "re-measured the same day, while a fine-tune needs new data and a new training "
+                "run for every change."
+            ],
+            _PROMPT_STEPS,
+        )
+    if not a.prompt_tried:
+        return (
+            "better_prompt",
+            [
+                "No prompt has been measured yet: a strong prompt with few-shot examples often "
+                "closes the gap with no training, and without its score there is nothing for a "
+                "fine-tune to beat. tunewise's baselines measure zero-shot and few-shot prompts "
+                "for you (`tunewise run`)."
+            ],
+            _PROMPT_STEPS,
+        )
+    return None
+
+
+def _prompt_is_enough(a: Answers) -> Refusal | None:
+    """A measured prompt that meets the target, with no serving reason for a small model of one's own."""
+    if not a.prompt_meets_target or _serving_reasons(a):
+        return None
+    return (
+        "better_prompt",
+        [
+            "Your measured prompt already meets the quality target, and neither volume "
+            f"(over {HIGH_VOLUME:,} requests per day), latency nor private data calls "
+            "for a small model of your own: a fine-tune would add training, hosting "
+            "and upkeep for no gain."
+        ],
+        [
+            "Ship the prompt, and keep the held-out examples as a regression test for "
+            "every prompt change.",
+            f"Run decide again if volume passes {HIGH_VOLUME:,} requests per day, "
+            "latency starts to matter, or the data must move onto your own hardware.",
+        ],
+    )
+
+
+def _why_finetune(a: Answers) -> list[str]:
+    """The first reasons of a fine-tune: serving (the prompt already meets the target) or quality."""
+    if a.prompt_meets_target:
+        return [
+            "Your measured prompt already meets the quality target, so a fine-tune is for "
+            "serving, not quality: a small fine-tuned model can replace the big prompted one."
+        ] + _serving_reasons(a)
+    return [
+        "Your measured prompt misses the quality target and the problem is behavior, the "
+        "kind of gap fine-tuning closes."
+    ]
 
 
 def _serving_reasons(a: Answers) -> list[str]:

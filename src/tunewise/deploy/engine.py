@@ -23,9 +23,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunewise.artifacts import WeightsKind, weights_in
 from tunewise.errors import TunewiseError
-from tunewise.evaluate.generate import generate_batch
 from tunewise.models import ChatFormat, load_chat, load_model, resolve_base
 from tunewise.models.device import placement
+from tunewise.models.generate import generate_batch
 
 HOLD = "\ufffd"  # the decoder's placeholder for a character whose bytes have not all arrived
 

@@ -206,14 +206,13 @@ def export_run(
 
 def parity_prompts(run: RunDir, system_prompt: str, chat: ChatFormat, n: int = 4) -> list[str]:
     """The first test items as the fine-tune is prompted in evaluation and serving."""
-    from tunewise.data.prepare import load_split
-    from tunewise.evaluate.arms import zero_shot_prompt
+    from tunewise.data import load_split, with_system
 
     if not run.split("test").exists():
         raise TunewiseError("the run has no test split to check the GGUF on", file=run.split("test"),
                             fix=f"prepare the data again: tunewise run --resume {run.root}")
     items = load_split(run.split("test"))[:n]
-    return [chat.prompt(zero_shot_prompt(item, system_prompt)) for item in items]
+    return [chat.prompt(with_system(item.prompt_messages, system_prompt)) for item in items]  # the zero-shot prompt
 
 
 def _gguf_files(run: RunDir, plan: TrainPlan, merged: Path, base_path: Path, adapter: Path, scratch: Path,

@@ -37,13 +37,13 @@ from tunewise.evaluate.cache import (
     model_fingerprint,
 )
 from tunewise.evaluate.endpoint import Endpoint, chat_many
-from tunewise.evaluate.generate import generate
 from tunewise.evaluate.metrics import PRIMARY, infer_schema, macro_f1, score_items
 from tunewise.evaluate.retrieval import retrieve_shots
 from tunewise.evaluate.stats import bootstrap_ci, bootstrap_statistic
 from tunewise.models import Answer, ChatFormat, base_chat, load_model, resolve_base
 from tunewise.models.chat import split_reasoning
 from tunewise.models.device import placement
+from tunewise.models.generate import generate
 from tunewise.runs import RunDir, atomic_write_jsonl, read_jsonl
 
 GENERATION_VERSION = 3  # bump when generation changes outputs (2: adapters unmerged; 3: the family's stop tokens)
