@@ -8,7 +8,7 @@ a registry name (routed: the canary's share of requests goes to the canary versi
 the current one), or one registry version (`name@v3`). The registry is re-read whenever it
 changed, so `tunewise registry promote|canary|rollback` takes effect without a restart.
 
-Generation is the evaluate stage's own (engine.py): the adapter's chat template, greedy decoding,
+Generation is evaluation's own (models/generate.py, via engine.py): the adapter's chat template, greedy decoding,
 stop at the end-of-turn token. Bad requests get OpenAI's error body and a 4xx status, never a 500.
 """
 
@@ -311,6 +311,38 @@ class Router:
         raise Refused(404, f"The model '{name}' does not exist; this server serves: {known}", "model_not_found",
                       "model")
 
+    def routed(self) -> set[str]:
+        """The engine keys the registry's routes send traffic to (current and canary versions)."""
+        return {f"{v.name}@v{v.version}" for r in self.routes.values() for v in (r.current, r.canary) if v}
+
+    def listing(self) -> dict:
+        """/admin/adapters: what is loaded, from where, and the registry's routes."""
+        return {"adapters": [{"name": k, "path": str(v.folder)} for k, v in self.engine.loaded.items()],
+                "routes": {n: {"current": _v(r.current), "canary": _v(r.canary), "share": r.share}
+                           for n, r in self.routes.items()}}
+
+    def load(self, name: str, folder: Path) -> str:
+        """An adapter from the registry's folder under a new name, kept until unloaded."""
+        if "@" in name or name in self.fixed or name in (BASE, self.base):
+            raise Refused(400, f"the name '{name}' is taken or has '@'", None, "name")
+        try:
+            self.engine.load(name, folder)
+        except TunewiseError as err:
+            raise Refused(400, err.message, None, "path") from None
+        self.fixed.add(name)
+        return name
+
+    def unload(self, name: str) -> str:
+        """Unload an adapter no route needs; a routed version stays (roll the route back first)."""
+        if name not in self.engine.loaded:
+            raise Refused(404, f"no adapter '{name}' is loaded", "model_not_found", "name")
+        if name in self.routed():
+            raise Refused(409, f"'{name}' is routed by the registry: roll it back or promote another version first")
+        self.engine.unload(name)
+        self.fixed.discard(name)
+        self.pinned.discard(name)
+        return name
+
     def pin(self, name: str, version: str | int) -> Target:
         """A registry version by number, loaded on first use and kept."""
         key = f"{name}@v{version}"
@@ -351,113 +383,67 @@ def _completion_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex}"
 
 
-def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=None, api_key: str | None = None,
-               max_batch: int = 8, trust_remote_code: bool = False) -> FastAPI:
-    """Load `base`, every adapter and the registry's routed versions (a TunewiseError for a bad
-    one), then the app that serves them."""
-    metrics = Metrics()
-    engine = Engine(base, max_batch=max_batch, trust_remote_code=trust_remote_code, on_batch=metrics.on_batch)
-    router = Router(engine, base, dict(adapters or {}), registry)
-    metrics.queued.set_function(engine.pending)
-    created = int(time.time())
-    app = FastAPI(title="tunewise serve", version="1", docs_url=None, redoc_url=None)
-    app.state.engine, app.state.router = engine, router
+class Service:
+    """What the handlers serve from, one per app: the engine, the router, the metrics, the key."""
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/admin") and api_key is None:
-            return error(403, "the admin endpoints need an API key: start the server with one (--api-key-env)",
-                         "admin_disabled")
-        if api_key is not None and path not in PUBLIC:
-            refused = key_refusal(request, api_key)
-            if refused is not None:
-                return refused
-        return await call_next(request)
+    def __init__(self, base: str, adapters: dict[str, Path], *, registry=None, api_key: str | None = None,
+                 max_batch: int = 8, trust_remote_code: bool = False) -> None:
+        self.metrics = Metrics()
+        self.engine = Engine(base, max_batch=max_batch, trust_remote_code=trust_remote_code,
+                             on_batch=self.metrics.on_batch)
+        self.router = Router(self.engine, base, dict(adapters), registry)
+        self.metrics.queued.set_function(self.engine.pending)
+        self.base, self.registry, self.api_key = base, registry, api_key
+        self.created = int(time.time())
 
-    app.add_middleware(BodyLimit, limit=MAX_BODY)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc.errors()[0])
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-        response.headers.update(exc.headers or {})
-        if exc.status_code == 405:  # Starlette names the first matching route's methods; name every route's
-            methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
-                       for m in r.methods}
-            response.headers["Allow"] = ", ".join(sorted(methods))
-        return response
-
-    @app.exception_handler(Refused)
-    async def refused(request: Request, exc: Refused) -> JSONResponse:
-        return error(exc.status, exc.message, exc.code, exc.param)
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug in tunewise; uvicorn logs it
-        return error(500, f"internal error ({type(exc).__name__}); the server log has the traceback")
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    def list_models() -> dict:
-        data = [{"object": "model", "created": created, "owned_by": "tunewise", **row} for row in router.names()]
-        return {"object": "list", "data": data}
-
-    def jobs_for(target: Target, body: Sampling, texts: list[str]) -> list[Job]:
-        budget, tokenizer_key = body.budget(), target.key
+    def jobs_for(self, target: Target, body: Sampling, texts: list[str]) -> list[Job]:
+        """The request's prompts as engine jobs, refused (400) when a text is not Unicode or too long."""
+        engine, budget, field = self.engine, body.budget(), "messages" if isinstance(body, ChatRequest) else "prompt"
         for text in texts:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # JSON allows "\ud800"; no tokenizer does
                 raise Refused(400, "the text holds a lone UTF-16 surrogate, which is not a character: send valid "
-                              "Unicode", None, "messages" if isinstance(body, ChatRequest) else "prompt") from None
-        lengths = engine.render(tokenizer_key, lambda chat: [len(chat.ids(t)) for t in texts])
+                              "Unicode", None, field) from None
+        lengths = engine.render(target.key, lambda chat: [len(chat.ids(t)) for t in texts])
         for tokens in lengths:
             if engine.context and tokens + budget > engine.context:
                 raise Refused(400, f"This model's maximum context length is {engine.context} tokens. However, you "
                               f"requested {tokens + budget} tokens ({tokens} in the prompt, {budget} in the "
                               "completion). Please reduce the length of the prompt or completion.",
-                              "context_length_exceeded", "messages" if isinstance(body, ChatRequest) else "prompt")
-        tags = engine.render(tokenizer_key, lambda chat: chat.reasoning) if isinstance(body, ChatRequest) else None
+                              "context_length_exceeded", field)
+        tags = engine.render(target.key, lambda chat: chat.reasoning) if isinstance(body, ChatRequest) else None
         return [engine.submit(Job(target.key, text, budget, body.stops(), body.sampling(), body.seed,
                                   bool(body.stream), prompt_tokens=n, reasoning=tags,
                                   thinking=bool(tags) and text.rstrip().endswith(tags[0])))
                 for text, n in zip(texts, lengths)]
 
-    async def answer(body: Sampling, texts_of, kind: str):
+    async def answer(self, body: Sampling, texts_of, kind: str):
+        """Route, submit, then the whole answer or a stream of server-sent events."""
         started = time.perf_counter()
-        target = await asyncio.to_thread(router.target, body.model)  # may load a registry version
-        jobs = await asyncio.to_thread(lambda: jobs_for(target, body, texts_of(target)))
+        target = await asyncio.to_thread(self.router.target, body.model)  # may load a registry version
+        jobs = await asyncio.to_thread(lambda: self.jobs_for(target, body, texts_of(target)))
         if body.stream:
-            return StreamingResponse(stream(jobs, body, target, kind, started), media_type="text/event-stream")
+            return StreamingResponse(self.stream(jobs, body, target, kind, started), media_type="text/event-stream")
         try:
             results = [await asyncio.wrap_future(job.done) for job in jobs]
         except TunewiseError as err:  # the adapter was unloaded while the request waited
-            observe(target, jobs, started, "503")
+            self.observe(target, jobs, started, "503")
             raise Refused(503, err.message, "model_unloaded", "model") from None
-        observe(target, jobs, started)
-        usage = _usage(jobs)
+        self.observe(target, jobs, started)
         choices = [_choice(kind, i, text, reason, job.reasoning) for i, ((text, reason), job) in
                    enumerate(zip(results, jobs))]
         return {"id": _completion_id("chatcmpl" if kind == "chat" else "cmpl"),
                 "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": target.model, "choices": choices, "usage": usage}
+                "created": int(time.time()), "model": target.model, "choices": choices, "usage": _usage(jobs)}
 
-    def observe(target: Target, jobs: list[Job], started: float, status: str = "200") -> None:
+    def observe(self, target: Target, jobs: list[Job], started: float, status: str = "200") -> None:
+        metrics = self.metrics
         metrics.requests.labels(target.model, target.version, status).inc()
         metrics.latency.labels(target.model, target.version).observe(time.perf_counter() - started)
         metrics.tokens.labels(target.version).inc(sum(len(j.ids) for j in jobs))
 
-    def stream(jobs: list[Job], body: Sampling, target: Target, kind: str, started: float):
+    def stream(self, jobs: list[Job], body: Sampling, target: Target, kind: str, started: float):
         """Server-sent events, OpenAI's chunk format; a sync generator, which Starlette runs in a thread."""
         ident, made = _completion_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
         head = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -479,87 +465,149 @@ def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=N
         try:
             _, reason = job.done.result()
         except Exception as err:  # noqa: BLE001 - the stream has started: report inside it
-            observe(target, jobs, started, "500")
+            self.observe(target, jobs, started, "500")
             yield "data: " + json.dumps({"error": {"message": f"internal error ({type(err).__name__})",
                                                    "type": "server_error", "param": None, "code": None}}) + "\n\n"
             return
-        observe(target, jobs, started)
+        self.observe(target, jobs, started)
         yield chunk([{"index": 0, "delta": {}, "finish_reason": reason} if kind == "chat"
                      else {"index": 0, "text": "", "finish_reason": reason, "logprobs": None}])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], _usage(jobs))
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
-            raise Refused(400, "max_tokens and max_completion_tokens differ: send one of them", None, "max_tokens")
-        messages = [m.plain() for m in body.messages]
 
-        def texts(target: Target) -> list[str]:
-            try:
-                return [engine.render(target.key, lambda chat: chat.prompt(messages))]
-            except (TemplateError, TunewiseError) as err:  # e.g. a template that wants turns to alternate
-                raise Refused(400, f"the chat template of '{target.model}' refuses these messages: {err}",
-                              None, "messages") from None
+def _service(request: Request) -> Service:
+    return request.app.state.service
 
-        return await answer(body, texts, "chat")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        if body.echo:
-            raise Refused(400, "echo is not supported: send echo false or leave it out", "unsupported_value", "echo")
-        prompts = body.prompts()
-        if len(prompts) > MAX_PROMPTS or (body.stream and len(prompts) > 1):
-            raise Refused(400, f"send at most {MAX_PROMPTS} prompts, and one prompt when streaming", None, "prompt")
-        if any(not p for p in prompts):
-            raise Refused(400, "prompt: an empty prompt has nothing to complete", None, "prompt")
-        return await answer(body, lambda target: prompts, "text")
+# ---- handlers: plain functions of the request and the app's Service ----
 
-    # ---- admin: load and unload adapters at run time (an API key is required) ----
+async def require_key(request: Request, call_next):
+    api_key, path = _service(request).api_key, request.url.path
+    if path.startswith("/admin") and api_key is None:
+        return error(403, "the admin endpoints need an API key: start the server with one (--api-key-env)",
+                     "admin_disabled")
+    if api_key is not None and path not in PUBLIC:
+        refused = key_refusal(request, api_key)
+        if refused is not None:
+            return refused
+    return await call_next(request)
 
-    @app.get("/admin/adapters")
-    def loaded() -> dict:
-        return {"adapters": [{"name": k, "path": str(v.folder)} for k, v in engine.loaded.items()],
-                "routes": {n: {"current": _v(r.current), "canary": _v(r.canary), "share": r.share}
-                           for n, r in router.routes.items()}}
 
-    @app.post("/admin/adapters")
-    def load(body: AdapterLoad) -> dict:
-        if registry is None:
-            raise Refused(400, "this server has no registry: adapters load from the registry's folder only",
-                          "no_registry")
-        if (body.version is None) == (body.path is None):
-            raise Refused(400, "send either version (a registry version) or path (inside the registry folder)")
-        if body.version is not None:
-            return {"loaded": router.pin(body.name.split("@")[0], body.version).key}
-        folder = _inside(Path(registry.root), body.path)
-        if "@" in body.name or body.name in router.fixed or body.name in (BASE, base):
-            raise Refused(400, f"the name '{body.name}' is taken or has '@'", None, "name")
+async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return validation_error(exc.errors()[0])
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names the first matching route's methods; name every route's
+        methods = {m for r in request.app.routes if getattr(r, "methods", None)
+                   and r.path_regex.match(request.url.path) for m in r.methods}
+        response.headers["Allow"] = ", ".join(sorted(methods))
+    return response
+
+
+async def refused(request: Request, exc: Refused) -> JSONResponse:
+    return error(exc.status, exc.message, exc.code, exc.param)
+
+
+async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug in tunewise; uvicorn logs it
+    return error(500, f"internal error ({type(exc).__name__}); the server log has the traceback")
+
+
+def health() -> dict:
+    return {"status": "ok"}
+
+
+def prometheus(request: Request) -> Response:
+    return Response(generate_latest(_service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def list_models(request: Request) -> dict:
+    service = _service(request)
+    data = [{"object": "model", "created": service.created, "owned_by": "tunewise", **row}
+            for row in service.router.names()]
+    return {"object": "list", "data": data}
+
+
+async def chat(body: ChatRequest, request: Request):
+    if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+        raise Refused(400, "max_tokens and max_completion_tokens differ: send one of them", None, "max_tokens")
+    service = _service(request)
+    messages = [m.plain() for m in body.messages]
+
+    def texts(target: Target) -> list[str]:
         try:
-            engine.load(body.name, folder)
-        except TunewiseError as err:
-            raise Refused(400, err.message, None, "path") from None
-        router.fixed.add(body.name)
-        return {"loaded": body.name}
+            return [service.engine.render(target.key, lambda chat: chat.prompt(messages))]
+        except (TemplateError, TunewiseError) as err:  # e.g. a template that wants turns to alternate
+            raise Refused(400, f"the chat template of '{target.model}' refuses these messages: {err}",
+                          None, "messages") from None
 
-    @app.delete("/admin/adapters/{name}")
-    def unload(name: str) -> dict:
-        if name not in engine.loaded:
-            raise Refused(404, f"no adapter '{name}' is loaded", "model_not_found", "name")
-        routed = {f"{v.name}@v{v.version}" for r in router.routes.values() for v in (r.current, r.canary) if v}
-        if name in routed:
-            raise Refused(409, f"'{name}' is routed by the registry: roll it back or promote another version first")
-        engine.unload(name)
-        router.fixed.discard(name)
-        router.pinned.discard(name)
-        return {"unloaded": name}
+    return await service.answer(body, texts, "chat")
 
-    @app.post("/admin/reload")
-    def reload() -> dict:
-        router.refresh(force=True)
-        return loaded()
 
+async def completions(body: CompletionRequest, request: Request):
+    if body.echo:
+        raise Refused(400, "echo is not supported: send echo false or leave it out", "unsupported_value", "echo")
+    prompts = body.prompts()
+    if len(prompts) > MAX_PROMPTS or (body.stream and len(prompts) > 1):
+        raise Refused(400, f"send at most {MAX_PROMPTS} prompts, and one prompt when streaming", None, "prompt")
+    if any(not p for p in prompts):
+        raise Refused(400, "prompt: an empty prompt has nothing to complete", None, "prompt")
+    return await _service(request).answer(body, lambda target: prompts, "text")
+
+
+# ---- admin: load and unload adapters at run time (an API key is required) ----
+
+def admin_list(request: Request) -> dict:
+    return _service(request).router.listing()
+
+
+def admin_load(body: AdapterLoad, request: Request) -> dict:
+    service = _service(request)
+    if service.registry is None:
+        raise Refused(400, "this server has no registry: adapters load from the registry's folder only",
+                      "no_registry")
+    if (body.version is None) == (body.path is None):
+        raise Refused(400, "send either version (a registry version) or path (inside the registry folder)")
+    if body.version is not None:
+        return {"loaded": service.router.pin(body.name.split("@")[0], body.version).key}
+    return {"loaded": service.router.load(body.name, _inside(Path(service.registry.root), body.path))}
+
+
+def admin_unload(name: str, request: Request) -> dict:
+    return {"unloaded": _service(request).router.unload(name)}
+
+
+def admin_reload(request: Request) -> dict:
+    router = _service(request).router
+    router.refresh(force=True)
+    return router.listing()
+
+
+ROUTES = [("/health", health, "GET"), ("/metrics", prometheus, "GET"), ("/v1/models", list_models, "GET"),
+          ("/v1/chat/completions", chat, "POST"), ("/v1/completions", completions, "POST"),
+          ("/admin/adapters", admin_list, "GET"), ("/admin/adapters", admin_load, "POST"),
+          ("/admin/adapters/{name}", admin_unload, "DELETE"), ("/admin/reload", admin_reload, "POST")]
+
+
+def create_app(base: str, adapters: dict[str, Path] | None = None, *, registry=None, api_key: str | None = None,
+               max_batch: int = 8, trust_remote_code: bool = False) -> FastAPI:
+    """Load `base`, every adapter and the registry's routed versions (a TunewiseError for a bad
+    one), then the app that serves them."""
+    service = Service(base, dict(adapters or {}), registry=registry, api_key=api_key, max_batch=max_batch,
+                      trust_remote_code=trust_remote_code)
+    app = FastAPI(title="tunewise serve", version="1", docs_url=None, redoc_url=None)
+    app.state.service, app.state.engine, app.state.router = service, service.engine, service.router
+    app.middleware("http")(require_key)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+    for kind, handler in ((RequestValidationError, invalid), (HTTPException, http_error), (Refused, refused),
+                          (Exception, crash)):
+        app.add_exception_handler(kind, handler)
+    for path, handler, method in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
     return app
 
 
