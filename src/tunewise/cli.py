@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from tunewise.errors import TunewiseError
@@ -98,6 +97,7 @@ def sweep(
     runs: RunsOpt = Path("runs"),
 ) -> None:
     """Train every combination of a grid of settings, one after another; pick the best by validation loss."""
+    from tunewise.report.terminal import print_sweep
     from tunewise.sweep import resume_sweep, run_sweep, sweep_table
 
     if resume is not None:
@@ -109,21 +109,9 @@ def sweep(
         root, result = run_sweep(config, grid, set_, runs, console)
     else:
         raise TunewiseError("nothing to sweep", fix="pass -c tunewise.yaml (or --resume SWEEP_DIR)")
-    columns, rows = sweep_table(result)
-    table = Table(title=f"{len(rows)} trials: the best has the lowest validation loss")
-    for n, column in enumerate(columns):
-        last = n == len(columns) - 1
-        table.add_column(column, justify="left" if n == 0 or last else "right", no_wrap=not last,
-                         min_width=6 if last else None)
-    for cells, best in rows:
-        table.add_row(*map(Text, cells), style="bold green" if best else "")
-    console.print(table)
-    console.print(f"report: {root / 'sweep.html'}")
+    print_sweep(console, sweep_table(result), result, root)
     if result["winner"] is None:
-        console.print(Text("no trial finished training", style="bold red"))
         raise typer.Exit(1)
-    console.print(f"best: {result['winner']}; evaluate it against the baselines with: "
-                  f"tunewise run --resume {root / 'trials' / result['winner']}")
 
 
 @app.command()
@@ -337,30 +325,16 @@ def serve(
     serve_with(engine, settings, console)
 
 
-def _version_row(table: Table, v, route) -> None:
-    state = []
-    if route and route.current and route.current.version == v.version:
-        state.append("current")
-    if route and route.canary and route.canary.version == v.version:
-        state.append(f"canary {route.share:.0%}")
-    score = f"{v.finetuned:.3f}" if v.finetuned is not None else "-"
-    table.add_row(v.name, f"v{v.version}", ", ".join(state), v.decision or "-",
-                  f"{v.primary_metric or '-'} {score}", (v.dataset_version or "-")[:8], Path(v.run).name,
-                  v.created[:16].replace("T", " "))
-
-
 @registry_app.command("list")
 def registry_list(
     name: Annotated[Optional[str], typer.Argument(help="Only this adapter name.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Every version with its verdict, dataset version and route state."""
+    from tunewise.report.terminal import print_registry
+
     reg = _registry(registry)
-    routes = reg.routes()
-    table = Table("name", "version", "route", "verdict", "fine-tune", "dataset", "run", "added")
-    for v in reg.versions(name):
-        _version_row(table, v, routes.get(v.name))
-    console.print(table if table.rows else "the registry is empty: tunewise registry add NAME RUN")
+    print_registry(console, reg.versions(name), reg.routes())
 
 
 @registry_app.command("add")

@@ -124,3 +124,39 @@ def print_trained(console: Console, summary: TrainSummary, root: Path) -> None:
                   + (", stopped early" if summary.stopped_early else "")
                   + f"; best val loss {summary.best_val_loss:.4f} at step {summary.best_step}. "
                   f"Next: tunewise run --resume {root}")
+
+
+def print_sweep(console: Console, table_rows: tuple[list[str], list], result: dict, root: Path) -> None:
+    """`tunewise sweep`'s table (`table_rows`: sweep.sweep_table's columns and rows, the best in green)
+    and the winner."""
+    columns, rows = table_rows
+    table = Table(title=f"{len(rows)} trials: the best has the lowest validation loss")
+    for n, column in enumerate(columns):
+        last = n == len(columns) - 1
+        table.add_column(column, justify="left" if n == 0 or last else "right", no_wrap=not last,
+                         min_width=6 if last else None)
+    for cells, best in rows:
+        table.add_row(*map(Text, cells), style="bold green" if best else "")
+    console.print(table)
+    console.print(f"report: {root / 'sweep.html'}")
+    if result["winner"] is None:
+        console.print(Text("no trial finished training", style="bold red"))
+        return
+    console.print(f"best: {result['winner']}; evaluate it against the baselines with: "
+                  f"tunewise run --resume {root / 'trials' / result['winner']}")
+
+
+def print_registry(console: Console, versions: list, routes: dict) -> None:
+    """`tunewise registry list`: every version with its route state, verdict, score, dataset, run."""
+    table = Table("name", "version", "route", "verdict", "fine-tune", "dataset", "run", "added")
+    for v in versions:
+        route, state = routes.get(v.name), []
+        if route and route.current and route.current.version == v.version:
+            state.append("current")
+        if route and route.canary and route.canary.version == v.version:
+            state.append(f"canary {route.share:.0%}")
+        score = f"{v.finetuned:.3f}" if v.finetuned is not None else "-"
+        table.add_row(v.name, f"v{v.version}", ", ".join(state), v.decision or "-",
+                      f"{v.primary_metric or '-'} {score}", (v.dataset_version or "-")[:8], Path(v.run).name,
+                      v.created[:16].replace("T", " "))
+    console.print(table if table.rows else "the registry is empty: tunewise registry add NAME RUN")
