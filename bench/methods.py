@@ -33,11 +33,12 @@ import json, sys
 from rich.console import Console
 from tunewise.config import load_config
 from tunewise.runs import open_run_dir
-from tunewise.settings import train_settings
+from tunewise.settings import track_settings, train_settings
 from tunewise.train.loop import train_model
 from dataclasses import asdict
 run = open_run_dir(sys.argv[1])
-print(json.dumps(asdict(train_model(run, train_settings(load_config(run.config)), Console(quiet=True)))))
+config = load_config(run.config)
+print(json.dumps(asdict(train_model(run, train_settings(config), Console(quiet=True), track_settings(config)))))
 """
 
 

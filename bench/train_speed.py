@@ -15,7 +15,7 @@ subprocess (peak RSS is that run's own `ru_maxrss`: model, data, training); repe
 the order of the tools (A B C, C B A, ...) so drift on a shared CPU hits all of them.
 
 The tools:
-1. `tunewise`: the real `tunewise.train.loop.train_model(run, settings, console)` on a temporary run
+1. `tunewise`: the real `tunewise.train.loop.train_model(run, settings, console, track)` on a temporary run
    folder (`RunDir`) whose data/train.jsonl is the N examples and data/val.jsonl the V validation
    examples, with the demo config and train.epochs=1, train.batch_size=B (so 1 epoch = S steps),
    lora.r=16, lora.alpha=32, train.evals_per_epoch=1, train.patience=null, train.save_every=S.
@@ -271,7 +271,7 @@ class StepClock:
 def child_tunewise(spec: dict, work: Path, tool: str) -> dict:
     from tunewise.config import dump_config, load_config
     from tunewise.runs import RunDir, atomic_write_text
-    from tunewise.settings import train_settings
+    from tunewise.settings import track_settings, train_settings
     from tunewise.train.checkpoint import list_checkpoints
     from tunewise.train.loop import train_model
 
@@ -288,7 +288,7 @@ def child_tunewise(spec: dict, work: Path, tool: str) -> dict:
     shutil.copy(spec["val"], run.split("val"))
     atomic_write_text(run.config, dump_config(config))
     clock = StepClock()
-    summary = train_model(run, train_settings(config), Console(file=sys.stderr, width=120))
+    summary = train_model(run, train_settings(config), Console(file=sys.stderr, width=120), track_settings(config))
     final = list_checkpoints(run.checkpoints)
     if summary.steps != spec["steps"] or not final:
         raise SystemExit(f"tunewise ran {summary.steps} steps (wanted {spec['steps']}); checkpoints: {final}")

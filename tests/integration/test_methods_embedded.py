@@ -51,7 +51,7 @@ def test_method_trains_the_embedded_model(method, runs, embedded_path, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunewise.settings import train_settings
+    from tunewise.settings import track_settings, train_settings
     from tunewise.train.loop import train_model
 
     source = runs["pairs" if method in ("dpo", "orpo") else "chats"]
@@ -60,7 +60,8 @@ def test_method_trains_the_embedded_model(method, runs, embedded_path, tmp_path)
     # the preference methods' default lr (5e-5, 1e-4) moves a DPO loss little in 4 steps: 10x here
     lr = {"dpo": ["train.lr=5e-4"], "orpo": ["train.lr=1e-3"]}.get(method, [])
     run.config.write_text(dump_config(load_config(run.config, [f"method={method}", f"track={track}", *lr])))
-    summary = train_model(run, train_settings(load_config(run.config)), QUIET)
+    config = load_config(run.config)
+    summary = train_model(run, train_settings(config), QUIET, track_settings(config))
 
     assert summary.method == method and summary.steps >= 3
     log = [json.loads(line) for line in run.train_log.read_text().splitlines()]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.helpers import label_rows, write_jsonl
 from tunewise.config import load_config
 from tunewise.runs import RunDir
-from tunewise.settings import train_settings
+from tunewise.settings import track_settings, train_settings
 from tunewise.train import loop
 
 
@@ -46,7 +46,8 @@ def log(run: Path) -> list[dict]:
 def test_two_gloo_processes_match_one_process(prepared, tmp_path):
     single = RunDir(Path(shutil.copytree(prepared, tmp_path / "single")))
     double = Path(shutil.copytree(prepared, tmp_path / "double"))
-    loop.train_model(single, train_settings(load_config(single.config)), Console(quiet=True))
+    config = load_config(single.config)
+    loop.train_model(single, train_settings(config), Console(quiet=True), track_settings(config))
 
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,7 +15,7 @@ from rich.console import Console
 from tests.helpers import SECTIONS, label_rows, run_cli
 from tunewise.errors import TunewiseError
 from tunewise.runs import read_json
-from tunewise.settings import train_settings
+from tunewise.settings import track_settings, train_settings
 from tunewise.train import loop, methods, plan
 from tunewise.train.plan import adapter_shape
 
@@ -56,7 +56,7 @@ def train(make_project, tmp_path, method: str, rows=None, extra: str = "") -> tu
 
     config_path = make_project(rows, extra=f"method: {method}\n{extra}")
     run, config = start_run(config_path, [], tmp_path / "runs", QUIET)
-    return run, loop.train_model(run, train_settings(config), QUIET)
+    return run, loop.train_model(run, train_settings(config), QUIET, track_settings(config))
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_target_modules_that_do_not_exist_list_the_real_ones(make_project, tmp_p
     config = make_project(extra="lora: {target_modules: [q_proj, attn_out]}\n")
     run, cfg = start_run(config, [], tmp_path / "runs", QUIET)
     with pytest.raises(TunewiseError) as err:
-        loop.train_model(run, train_settings(cfg), QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET, track_settings(cfg))
     message = str(err.value)
     assert "['attn_out'] do not exist" in message and "lora.target_modules" in message
     for real in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"):
@@ -237,7 +237,7 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(make_project, tmp_path, mon
     run, cfg = start_run(make_project(extra="method: qlora\n"), [], tmp_path / "runs", QUIET)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(TunewiseError) as err:
-        loop.train_model(run, train_settings(cfg), QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET, track_settings(cfg))
     message = str(err.value)
     assert "method qlora needs bitsandbytes" in message and "method: lora" in message
     assert not run.adapter.exists()
@@ -331,7 +331,7 @@ def test_qlora_where_bitsandbytes_cannot_run_is_a_clear_error(make_project, tmp_
 
     run, cfg = start_run(make_project(extra="method: qlora\n"), [], tmp_path / "runs", QUIET)
     with pytest.raises(TunewiseError) as err:
-        loop.train_model(run, train_settings(cfg), QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET, track_settings(cfg))
     assert "whole blocks of 64" in str(err.value) and "q_proj (32)" in str(err.value)
     assert "method: lora" in str(err.value) and not run.checkpoints.exists()
 
@@ -340,4 +340,4 @@ def test_qlora_where_bitsandbytes_cannot_run_is_a_clear_error(make_project, tmp_
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_backend)
     with pytest.raises(TunewiseError, match="cannot quantize this model to 4 bits on this machine: no bitsandbytes"):
-        loop.train_model(run, train_settings(cfg), QUIET)
+        loop.train_model(run, train_settings(cfg), QUIET, track_settings(cfg))

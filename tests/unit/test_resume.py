@@ -19,7 +19,7 @@ from tests.helpers import label_rows, run_cli, write_jsonl
 from tunewise.config import load_config
 from tunewise.errors import TunewiseError
 from tunewise.runs import RunDir, read_json, sha256_file
-from tunewise.settings import train_settings
+from tunewise.settings import track_settings, train_settings
 from tunewise.train import loop
 from tunewise.train import plan as plan_module
 from tunewise.train.checkpoint import FILES, list_checkpoints, read_trainer_state
@@ -53,7 +53,8 @@ def copy_run(prepared: Path, tmp_path: Path, name: str = "run") -> RunDir:
 
 
 def train(run: RunDir) -> loop.TrainSummary:
-    return loop.train_model(run, train_settings(load_config(run.config)), QUIET)
+    config = load_config(run.config)
+    return loop.train_model(run, train_settings(config), QUIET, track_settings(config))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ import sys, time
 from rich.console import Console
 from tunewise.config import load_config
 from tunewise.runs import open_run_dir
-from tunewise.settings import train_settings
+from tunewise.settings import track_settings, train_settings
 from tunewise.train import loop
 
 real = loop.supervised_loss
@@ -111,7 +112,8 @@ def slow(*args, **kwargs):
     return real(*args, **kwargs)
 loop.supervised_loss = slow
 run = open_run_dir(sys.argv[1])
-loop.train_model(run, train_settings(load_config(run.config)), Console(quiet=True))
+config = load_config(run.config)
+loop.train_model(run, train_settings(config), Console(quiet=True), track_settings(config))
 """
 
 

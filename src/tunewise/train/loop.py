@@ -67,6 +67,7 @@ from tunewise.train.plan import (
     resolve_plan,
 )
 from tunewise.train.preference import Pair, dpo_losses, encode_pair, orpo_losses
+from tunewise.train.tracking import TrackSettings, open_tracker
 
 
 def patience_ran_out(log: list[dict], best_step: int, patience: int | None) -> bool:
@@ -297,11 +298,10 @@ class Session:
         return measured
 
 
-def train_model(run: RunDir, settings: TrainSettings, console: Console, track=None) -> TrainSummary:
-    """Train the run's weights (`track`: a tracking.TrackSettings, or None for no tracking); the
-    weights with the lowest validation loss become run.adapter, with the plan and the summary."""
-    from tunewise.train.tracking import open_tracker
-
+def train_model(run: RunDir, settings: TrainSettings, console: Console, track: TrackSettings | None) -> TrainSummary:
+    """Train the run's weights, tracked as `track` says (None: not at all; settings.track_settings
+    builds it from the config, track: none included); the weights with the lowest validation loss
+    become run.adapter, with the plan and the summary."""
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
     dist = init_distributed()
     console = console if dist.main else Console(quiet=True)
