@@ -240,6 +240,26 @@ def data_prepare(
     console.print(f"wrote {output}/{{train,val,test}}.jsonl, rejected.jsonl, manifest.json, report.html")
 
 
+@app.command("import-axolotl")
+def import_axolotl(
+    axolotl_config: Annotated[Path, typer.Argument(help="An Axolotl config (.yml).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write tunewise.yaml.")] = Path("tunewise.yaml"),
+    data: Annotated[list[Path], typer.Option("--data", help="A local copy of a hub dataset, in order; repeatable.")] = [],
+    task: Annotated[Optional[str], typer.Option("--task", help="task.name [default: the file's name].")] = None,
+) -> None:
+    """Write the tunewise.yaml equivalent of an Axolotl config; list every key not carried over and why."""
+    from tunewise.interop.axolotl import import_axolotl as translate
+    from tunewise.runs import atomic_write_text
+
+    if output.exists():
+        raise TunewiseError("would overwrite it", file=output, fix="choose another -o path")
+    imported = translate(axolotl_config, data, task)
+    atomic_write_text(output, imported.yaml(axolotl_config))
+    for key, why in imported.skipped.items():
+        console.print(Text(f"not carried over: {key}: {why}", style="yellow"))
+    console.print(f"wrote {output}; next: tunewise data check -c {output}, then tunewise run -c {output}")
+
+
 @model_app.command("import")
 def model_import(
     name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",

@@ -169,12 +169,13 @@ def _from_text(row: dict) -> Normalized:
 
 
 def _final_assistant(value: Any, field: str) -> list[Message]:
-    """A preference side: a string, or a chat whose last turn is the assistant's."""
+    """A preference side: a string, one assistant message (Axolotl's chat_template.default rows), or
+    a chat whose last turn is the assistant's."""
     if isinstance(value, str):
         if not value.strip():
             raise BadRow(f"field '{field}' is empty")
         return [{"role": "assistant", "content": value}]
-    messages = _messages(value, field)
+    messages = _messages([value] if isinstance(value, dict) else value, field)
     if messages[-1]["role"] != "assistant":
         raise BadRow(f"field '{field}' must end with an assistant turn")
     return messages

@@ -1,0 +1,1 @@
+"""Recipes in and out of the tools users already run (Axolotl)."""
