@@ -260,6 +260,18 @@ def import_axolotl(
     console.print(f"wrote {output}; next: tunewise data check -c {output}, then tunewise run -c {output}")
 
 
+@app.command("export-axolotl")
+def export_axolotl(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder [default: RUN/axolotl].")] = None,
+) -> None:
+    """Write the run's recipe as an Axolotl config with its train and validation splits."""
+    from tunewise.interop.axolotl import export_axolotl as write
+
+    written = write(run_dir, out or Path(run_dir) / "axolotl")
+    console.print(f"wrote {written} with train.jsonl and val.jsonl; run it with: axolotl train {written}")
+
+
 @model_app.command("import")
 def model_import(
     name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",

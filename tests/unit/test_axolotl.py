@@ -4,6 +4,7 @@ become tunewise configs whose data reads without a rejected row; every key not c
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.helpers import run_cli
 from tunewise.errors import TunewiseError
-from tunewise.interop.axolotl import import_axolotl
+from tunewise.interop.axolotl import export_axolotl, import_axolotl
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "axolotl"
 
@@ -88,3 +89,62 @@ def test_dataset_keys_it_cannot_honour_are_named_and_a_broken_entry_is_refused(t
     with pytest.raises(TunewiseError) as err:
         import_axolotl(tmp_path / "b.yml")
     assert "datasets[0] is not a mapping" in str(err.value) and "b.yml" in str(err.value)
+
+
+def trained_run(tmp_path: Path, method: str, pairs: bool):
+    """A run folder as training leaves it, as far as the export reads it: splits and the plan."""
+    from tests.helpers import train_plan, write_weights_record
+    from tunewise.data.records import Example
+    from tunewise.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.data.mkdir(parents=True)
+    run.config.write_text("task: {name: sections}\ndata: {path: x.jsonl}\n")
+    for split, n in (("train", 12), ("val", 3), ("test", 3)):
+        rows = [Example([{"role": "user", "content": f"{split} item {i}"}, {"role": "assistant", "content": "net"}],
+                        f"d.jsonl:{i + 1}", rejected="libs" if pairs else None) for i in range(n)]
+        run.split(split).write_text("".join(json.dumps(e.to_json()) + "\n" for e in rows))
+    run.adapter.mkdir()
+    from tunewise.models import load_tokenizer, resolve_base
+
+    template = load_tokenizer(resolve_base("smollm2-135m-instruct")).chat_template  # what training saves
+    (run.adapter / "chat_template.jinja").write_text(template)
+    preference = {"beta": 0.1, "sft_weight": 0.0} if pairs else None
+    write_weights_record(run.adapter, plan=train_plan(base="smollm2-135m-instruct", method=method,
+                                                      preference=preference, lr=3e-4, batch_size=2, grad_accum=4))
+    return run
+
+
+@pytest.mark.parametrize("method, pairs", [("lora", False), ("dpo", True)])
+def test_a_run_exported_to_axolotl_imports_back_to_the_same_recipe(tmp_path, method, pairs):
+    import yaml
+
+    from tunewise.config import load_config
+    from tunewise.data import prepare
+    from tunewise.models import base_chat
+    from tunewise.settings import data_settings
+
+    run = trained_run(tmp_path, method, pairs)
+    written = export_axolotl(run.root, tmp_path / "axolotl")
+    recipe = yaml.safe_load(written.read_text())
+    assert (recipe["lora_r"], recipe["lora_alpha"], recipe["lora_target_linear"]) == (4, 8, True)
+    assert (recipe["micro_batch_size"], recipe["gradient_accumulation_steps"], recipe["learning_rate"]) == (2, 4, 3e-4)
+    template = (run.adapter / "chat_template.jinja").read_text()
+    assert recipe.get("rl") == ("dpo" if pairs else None) and recipe["chat_template_jinja"] == template
+    train = [json.loads(line) for line in (tmp_path / "axolotl" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 12 and not (tmp_path / "axolotl" / "test.jsonl").exists()  # the test split stays here
+    first = train[0]["conversation" if pairs else "messages"][0]
+    assert first == {"role": "system", "content": "Reply with JSON."}  # trained with the task's system prompt
+
+    imported = import_axolotl(written, task="sections")
+    (tmp_path / "back.yaml").write_text(imported.yaml(written))
+    config = load_config(tmp_path / "back.yaml")
+    assert config.method == method and (config.lora.r, config.lora.alpha, config.lora.target_modules) == (
+        4, 8, "all-linear")
+    assert (config.train.lr, config.train.batch_size, config.train.grad_accum, config.train.epochs,
+            config.train.max_seq_len, config.train.schedule) == (3e-4, 2, 4, 2, 64, "cosine")
+    assert config.model.chat_template == template
+    prepared = prepare([Path(p) for p in config.data.paths], data_settings(config), chat=base_chat(config.model))
+    rows = [e for split in prepared.splits.values() for e in split]
+    assert len(rows) == 15 and not prepared.problems and all((e.rejected == "libs") == pairs for e in rows)
+    assert set(imported.skipped) <= {"output_dir", "optimizer", "test_datasets", "(test split)"}

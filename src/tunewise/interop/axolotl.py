@@ -1,4 +1,8 @@
-"""Axolotl interop: `tunewise import-axolotl config.yml` writes the equivalent tunewise.yaml.
+"""Axolotl interop, both ways.
+
+`tunewise import-axolotl config.yml` writes the equivalent tunewise.yaml; `tunewise
+export-axolotl RUN` writes an Axolotl config and the run's train and validation splits, so a
+recipe tuned here can be handed to an Axolotl cluster.
 
 Axolotl is the seed system many users already have a recipe in. What carries over: the base
 model, the adapter and its LoRA shape, the local datasets and their types, the sequence length,
@@ -174,7 +178,11 @@ def _train(raw: dict, used: set, out: Imported) -> dict:
 
 def _data(raw: dict, source: Path, given: list[Path], out: Imported) -> dict:
     """data.path and data.map from `datasets:`; hub datasets take the `--data` files in order."""
-    datasets = raw.get("datasets") or []
+    datasets = list(raw.get("datasets") or [])
+    if raw.get("test_datasets"):  # a fixed validation set: tunewise makes its own val/test split from all rows
+        datasets += list(raw["test_datasets"])
+        out.skipped["test_datasets"] = ("read as data too: tunewise splits every row into train/val/test itself "
+                                        "(data.val_fraction, data.test_fraction)")
     if not datasets:
         raise TunewiseError("the Axolotl config has no datasets", file=source, field="datasets")
     paths, mapping, hub = [], {}, []
@@ -183,6 +191,8 @@ def _data(raw: dict, source: Path, given: list[Path], out: Imported) -> dict:
         if not isinstance(ds, dict):
             raise TunewiseError(f"{where} is not a mapping with path and type", file=source, field=where)
         for key in sorted(set(ds) - DATASET_KEYS):
+            if key == "split" and ds[key] == "train":  # a local JSON file's only split
+                continue
             out.skipped[f"{where}.{key}"] = "tunewise reads the whole local file (split it beforehand if needed)"
         local = source.parent / str(ds.get("path", ""))
         if ds.get("path") and (local.exists() or ds.get("ds_type") in LOCAL_TYPES and local.suffix):
@@ -259,3 +269,80 @@ def _validate(config: dict, source: Path) -> None:
         key = ".".join(str(p) for p in first["loc"])
         raise TunewiseError(f"the imported value of {key} is not valid for tunewise: {first['msg']}", file=source,
                             field=key, fix="edit the Axolotl config or the written tunewise.yaml") from None
+
+
+# --- export: a trained run as an Axolotl recipe -------------------------------------------------
+
+def export_axolotl(run_dir: Path, out: Path) -> Path:
+    """axolotl.yml, train.jsonl and val.jsonl (the run's own splits; the test split stays held
+    out) into `out`, atomically; the settings are the training plan's, so the recipe is what ran."""
+    import json
+
+    from tunewise.data import load_split
+    from tunewise.deploy.export import trained_record
+    from tunewise.runs import atomic_write_text, open_run_dir, replace_dir
+
+    run = open_run_dir(run_dir)
+    plan = trained_record(run).plan
+    if plan.method == "prompt_tuning":
+        raise TunewiseError("Axolotl has no prompt tuning", file=run.adapter, field="method",
+                            fix="export a LoRA, QLoRA, DoRA, full, DPO or ORPO run")
+    template = run.adapter / "chat_template.jinja"
+    recipe = _recipe(plan, template.read_text(encoding="utf-8") if template.exists() else None)
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        rows = [_row(e, plan) for e in load_split(run.split(split))]
+        atomic_write_text(tmp / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(tmp / "axolotl.yml", f"# Axolotl recipe exported by tunewise from {run.root}\n"
+                      "# train.jsonl / val.jsonl: the run's own splits (its test split stays held out)\n"
+                      + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+    replace_dir(tmp, Path(out))
+    return Path(out) / "axolotl.yml"
+
+
+def _row(example, plan) -> dict:
+    from tunewise.data import with_system
+
+    messages = with_system(example.messages, plan.system_prompt)
+    if example.rejected is None:
+        return {"messages": messages}
+    return {"conversation": messages[:-1], "chosen": messages[-1],
+            "rejected": {"role": "assistant", "content": example.rejected}}
+
+
+def _recipe(plan, template: str | None) -> dict:
+    from tunewise.models import resolve_base
+
+    preference = plan.preference is not None
+    dataset = {"path": "train.jsonl", "ds_type": "json", "type": "chat_template"}
+    if preference:
+        dataset.update(type="chat_template.default", field_messages="conversation", field_chosen="chosen",
+                       field_rejected="rejected")
+    recipe: dict[str, Any] = {"base_model": str(resolve_base(plan.base))}
+    if template:
+        recipe |= {"chat_template": "jinja", "chat_template_jinja": template}
+    if preference:
+        recipe["rl"] = plan.method
+    recipe |= {"datasets": [dataset], "test_datasets": [{**dataset, "path": "val.jsonl", "split": "train"}],
+               "val_set_size": 0.0, "output_dir": f"./outputs/{plan.task}",
+               "sequence_len": plan.max_seq_len, "sample_packing": False, "train_on_inputs": False}
+    shape = plan.adapter
+    if plan.method != "full":
+        recipe |= {"adapter": "qlora" if plan.method == "qlora" else "lora", "load_in_4bit": plan.method == "qlora",
+                   "lora_r": shape["r"], "lora_alpha": shape["alpha"], "lora_dropout": shape["dropout"]}
+        targets = shape["target_modules"]
+        recipe |= {"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)}
+        if plan.method == "dora":
+            recipe["peft_use_dora"] = True
+    recipe |= {
+        "micro_batch_size": plan.batch_size, "gradient_accumulation_steps": plan.grad_accum,
+        "num_epochs": plan.epochs, "learning_rate": plan.lr, "lr_scheduler": plan.schedule,
+        "warmup_ratio": plan.warmup_ratio, "weight_decay": plan.weight_decay, "optimizer": "adamw_torch",
+        "evals_per_epoch": max(1, round(plan.steps_per_epoch / plan.eval_every)),
+        "bf16": plan.dtype == "bfloat16", "fp16": plan.dtype == "float16",
+        "gradient_checkpointing": plan.gradient_checkpointing, "seed": plan.seeds.get("train", 0),
+    }
+    if plan.patience:
+        recipe["early_stopping_patience"] = plan.patience
+    return recipe
