@@ -98,7 +98,7 @@ def import_axolotl(path: Path, data: list[Path] = (), task: str | None = None) -
         out.skipped["chat_template"] = (f"'{raw['chat_template']}' is Axolotl's named template; tunewise uses the "
                                         "model's own (set model.chat_template to a Jinja template to override)")
     used |= {"chat_template", "chat_template_jinja"}
-    out.config["method"] = _method(raw, out)
+    out.config["method"] = _method(raw, out, Path(path))
     used |= {"adapter", "load_in_4bit", "rl", "peft_use_dora"}
     if out.config["method"] != "full":
         out.config["lora"] = _lora(raw, used)
@@ -115,12 +115,14 @@ def import_axolotl(path: Path, data: list[Path] = (), task: str | None = None) -
     return out
 
 
-def _method(raw: dict, out: Imported) -> str:
+def _method(raw: dict, out: Imported, source: Path) -> str:
     rl = raw.get("rl")
     if rl:
         if rl not in RL_METHODS:
-            raise TunewiseError(f"rl: {rl} has no tunewise equivalent", field="rl",
+            raise TunewiseError(f"rl: {rl} has no tunewise equivalent", file=source, field="rl",
                                 fix=f"tunewise trains {', '.join(RL_METHODS)} on preference pairs")
+        if not raw.get("adapter"):
+            out.skipped["adapter"] = f"(none: a full {rl} run) tunewise's {rl} trains a LoRA adapter"
         if raw.get("load_in_4bit") or raw.get("adapter") == "qlora":
             out.skipped["load_in_4bit"] = f"tunewise's {rl} trains LoRA on a 16-bit base"
         return RL_METHODS[rl]
@@ -128,7 +130,7 @@ def _method(raw: dict, out: Imported) -> str:
     if not adapter:
         return "full"
     if adapter not in METHODS:
-        raise TunewiseError(f"adapter: {adapter} has no tunewise equivalent", field="adapter",
+        raise TunewiseError(f"adapter: {adapter} has no tunewise equivalent", file=source, field="adapter",
                             fix="tunewise trains lora, qlora, dora, prompt tuning or full")
     if adapter == "lora" and raw.get("load_in_4bit"):
         return "qlora"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from tunewise.data.records import Message
+from tunewise.errors import TunewiseError
 from tunewise.models import ChatFormat
 from tunewise.progress import progress_bar
 
@@ -55,18 +57,42 @@ def generate(
     label: str,
 ) -> list[str]:
     """Greedy completions of chat prompts, in the prompts' order, cut at the first stop token
-    (reasoning blocks are kept here; `ChatFormat.split` takes them apart for scoring)."""
+    (reasoning blocks are kept here; `ChatFormat.split` takes them apart for scoring). A batch
+    that runs out of device memory is retried at half the size, down to one prompt, and the rest
+    of the prompts go in the smaller batches (said on the console: outputs at another batch shape
+    can differ in their last bits)."""
     texts = [chat.prompt(p) for p in prompts]
     lengths = [len(chat.ids(t)) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     outputs: list[str] = [""] * len(texts)
     model.eval()
+    start, size = 0, batch_size
     with progress_bar(console) as progress:
         task = progress.add_task(label, total=len(texts), status="")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            new = generate_batch(model, chat, [texts[i] for i in idx], max_new_tokens=max_new_tokens)
+        while start < len(order):
+            idx = order[start : start + size]
+            try:
+                new = generate_batch(model, chat, [texts[i] for i in idx], max_new_tokens=max_new_tokens)
+            except torch.OutOfMemoryError as err:
+                size = _smaller_batch(size, len(idx), max_new_tokens, err, console, label)
+                continue
             for i, row in zip(idx, new):
                 outputs[i] = chat.text(row.tolist())
             progress.update(task, advance=len(idx))
+            start += len(idx)
     return outputs
+
+
+def _smaller_batch(size: int, tried: int, max_new_tokens: int, err: Exception, console: Console, label: str) -> int:
+    """Half of the batch that ran out of memory; a TunewiseError when even one prompt does not fit."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if tried <= 1:
+        raise TunewiseError(f"out of memory generating one prompt for {label} ({str(err).splitlines()[0][:200]})",
+                            field="eval.max_new_tokens",
+                            fix=f"lower eval.max_new_tokens (now {max_new_tokens}) or eval.max_test, or use a "
+                                "device with more memory") from None
+    smaller = max(1, size // 2)
+    console.print(Text.assemble(("warning ", "yellow"), f"{label}: out of memory at a batch of {tried}; generating "
+                                f"the rest in batches of {smaller} (outputs at another batch shape can differ slightly)"))
+    return smaller
