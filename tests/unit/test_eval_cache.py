@@ -8,7 +8,7 @@ def test_only_misses_are_generated_and_keys_cover_model_prompt_settings(tmp_path
     calls = []
 
     def fake(prompts):
-        def generate(indices):
+        def generate(indices, keep):
             calls.append(list(indices))
             return [prompts[i].upper() for i in indices]
         return generate
@@ -29,10 +29,29 @@ def test_only_misses_are_generated_and_keys_cover_model_prompt_settings(tmp_path
     assert hits == 3
 
 
+def test_outputs_are_kept_as_they_arrive_so_a_crash_at_item_n_keeps_the_ones_before(tmp_path):
+    cache = GenerationCache(tmp_path / "g.sqlite")
+    prompts = [f"p{i}" for i in range(5)]
+
+    def crashes_at_the_fourth(indices, keep):
+        for j, i in enumerate(indices):
+            if i == 3:
+                raise RuntimeError("the endpoint went away")
+            keep({j: prompts[i].upper()})
+        return [prompts[i].upper() for i in indices]
+
+    try:
+        cached_generate(cache, "m", {}, prompts, crashes_at_the_fourth)
+    except RuntimeError:
+        pass
+    out, hits = cached_generate(cache, "m", {}, prompts, lambda idx, keep: [prompts[i].upper() for i in idx])
+    assert hits == 3 and out == ["P0", "P1", "P2", "P3", "P4"]  # the rerun generated only items 3 and 4
+
+
 def test_cache_off_always_generates(tmp_path):
     cache = GenerationCache(None)
     for _ in range(2):
-        _, hits = cached_generate(cache, "m", {}, ["x"], lambda idx: ["y" for _ in idx])
+        _, hits = cached_generate(cache, "m", {}, ["x"], lambda idx, keep: ["y" for _ in idx])
         assert hits == 0
 
 

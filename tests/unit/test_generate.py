@@ -35,9 +35,12 @@ def test_a_batch_out_of_memory_halves_and_the_outputs_are_all_there(model_and_ch
 
     monkeypatch.setattr(gen, "generate_batch", tight)
     out = io.StringIO()
+    kept: list[dict] = []
     backed = gen.generate(model, chat, PROMPTS, max_new_tokens=6, batch_size=8, console=Console(file=out, width=200),
-                          label="few_shot")
+                          label="few_shot", on_outputs=kept.append)
     assert backed == plain  # fp32: the same outputs at batch 2, in the prompts' order
+    assert [len(k) for k in kept] == [2, 2, 2, 1]  # each finished batch handed over as it finished
+    assert {i: t for k in kept for i, t in k.items()} == dict(enumerate(plain))
     assert sizes == [7, 4, 2, 2, 2, 1]  # 8 -> 4 -> 2, then the rest at 2
     text = out.getvalue()
     assert "few_shot: out of memory at a batch of 7; generating the rest in batches of 4" in text

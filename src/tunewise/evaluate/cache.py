@@ -90,14 +90,20 @@ def cached_generate(
     model: str,
     settings: dict,
     prompts: list[str],
-    generate: Callable[[list[int]], list[str]],
+    generate: Callable[[list[int], Callable[[dict[int, str]], None]], list[str]],
 ) -> tuple[list[str], int]:
-    """Outputs for `prompts` (rendered prompt texts); `generate(indices)` is called once for the
-    misses only. Returns the outputs in order and how many came from the cache."""
+    """Outputs for `prompts` (rendered prompt texts); `generate(indices, keep)` is called once for
+    the misses only and calls `keep({position in indices: output})` as outputs arrive, which
+    stores them at once: a failure at item N keeps the outputs before it, and a rerun generates
+    only the rest. Returns the outputs in order and how many came from the cache."""
     keys = [item_key(model, p, settings) for p in prompts]
     found = cache.get_many(keys)
     missing = [i for i, k in enumerate(keys) if k not in found]
-    fresh = generate(missing) if missing else []
-    cache.put_many(model, {keys[i]: out for i, out in zip(missing, fresh)})
+
+    def keep(done: dict[int, str]) -> None:
+        cache.put_many(model, {keys[missing[j]]: out for j, out in done.items()})
+
+    fresh = generate(missing, keep) if missing else []
+    keep(dict(enumerate(fresh)))  # whatever `generate` did not hand to keep itself
     outputs = dict(zip(missing, fresh))
     return [outputs[i] if i in outputs else found[keys[i]] for i in range(len(prompts))], len(prompts) - len(missing)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from typing import Callable
 
 import openai
 from rich.console import Console
@@ -42,8 +43,10 @@ def chat_many(
     temperature: float = 0.0,
     console: Console,
     label: str,
+    on_outputs: Callable[[dict[int, str]], None] | None = None,
 ) -> list[str]:
-    """Completions in the prompts' order, `endpoint.concurrency` requests in flight; outputs stripped."""
+    """Completions in the prompts' order, `endpoint.concurrency` requests in flight; outputs stripped.
+    `on_outputs({position: text})` gets each completion as it arrives (the cache stores it at once)."""
     client = _client(endpoint)
     outputs: list[str] = [""] * len(prompts)
 
@@ -61,6 +64,8 @@ def chat_many(
             for future in as_completed(futures):
                 i, text = future.result()
                 outputs[i] = text
+                if on_outputs is not None:
+                    on_outputs({i: text})
                 progress.update(task, advance=1)
         except openai.APIError as err:
             for f in futures:

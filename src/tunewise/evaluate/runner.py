@@ -86,9 +86,10 @@ class LocalGenerator:
         return {"engine": "tunewise", "version": GENERATION_VERSION, "decoding": "greedy",
                 "max_new_tokens": max_new_tokens, "dtype": dtype, "stop_ids": list(self.chat.stop_ids)}
 
-    def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str) -> list[str]:
+    def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str,
+                 keep=None) -> list[str]:
         return generate(self.model, self.chat, prompts, max_new_tokens=max_new_tokens,
-                        batch_size=self.batch_size, console=console, label=label)
+                        batch_size=self.batch_size, console=console, label=label, on_outputs=keep)
 
     def split(self, output: str) -> Answer:
         return self.chat.split(output)
@@ -110,8 +111,10 @@ class RemoteGenerator:
     def settings(self, max_new_tokens: int) -> dict:
         return {"engine": "openai-compatible", "temperature": 0.0, "max_tokens": max_new_tokens}
 
-    def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str) -> list[str]:
-        return chat_many(self.endpoint, prompts, max_tokens=max_new_tokens, console=console, label=label)
+    def complete(self, prompts: list[list[Message]], max_new_tokens: int, console: Console, label: str,
+                 keep=None) -> list[str]:
+        return chat_many(self.endpoint, prompts, max_tokens=max_new_tokens, console=console, label=label,
+                         on_outputs=keep)
 
     def split(self, output: str) -> Answer:
         return split_reasoning(output)
@@ -132,7 +135,7 @@ def generate_cached(
     texts = [gen.render(p) for p in prompts]
     outputs, hits = cached_generate(
         cache, gen.fingerprint, gen.settings(max_new_tokens), texts,
-        lambda idx: gen.complete([prompts[i] for i in idx], max_new_tokens, console, label),
+        lambda idx, keep: gen.complete([prompts[i] for i in idx], max_new_tokens, console, label, keep),
     )
     if hits:
         console.print(f"  {label}: {hits} of {len(prompts)} outputs from the cache")

@@ -7,6 +7,8 @@ answers what was evaluated: same template, same token ids, same stop tokens.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from rich.console import Console
 from rich.text import Text
@@ -55,12 +57,14 @@ def generate(
     batch_size: int,
     console: Console,
     label: str,
+    on_outputs: Callable[[dict[int, str]], None] | None = None,
 ) -> list[str]:
     """Greedy completions of chat prompts, in the prompts' order, cut at the first stop token
     (reasoning blocks are kept here; `ChatFormat.split` takes them apart for scoring). A batch
     that runs out of device memory is retried at half the size, down to one prompt, and the rest
     of the prompts go in the smaller batches (said on the console: outputs at another batch shape
-    can differ in their last bits)."""
+    can differ in their last bits). `on_outputs({position: text})` gets each batch's outputs as it
+    finishes (the evaluation cache stores them at once)."""
     texts = [chat.prompt(p) for p in prompts]
     lengths = [len(chat.ids(t)) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
@@ -78,6 +82,8 @@ def generate(
                 continue
             for i, row in zip(idx, new):
                 outputs[i] = chat.text(row.tolist())
+            if on_outputs is not None:
+                on_outputs({i: outputs[i] for i in idx})
             progress.update(task, advance=len(idx))
             start += len(idx)
     return outputs
