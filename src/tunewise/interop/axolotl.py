@@ -17,6 +17,7 @@ with `--data FILE`.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,8 @@ def export_axolotl(run_dir: Path, out: Path) -> Path:
     template = run.adapter / "chat_template.jinja"
     recipe = _recipe(plan, template.read_text(encoding="utf-8") if template.exists() else None)
     tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed export's leftovers
+    tmp.mkdir(parents=True)
     for split in ("train", "val"):
         rows = [_row(e, plan) for e in load_split(run.split(split))]
         atomic_write_text(tmp / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
