@@ -148,3 +148,14 @@ def test_a_run_exported_to_axolotl_imports_back_to_the_same_recipe(tmp_path, met
     rows = [e for split in prepared.splits.values() for e in split]
     assert len(rows) == 15 and not prepared.problems and all((e.rejected == "libs") == pairs for e in rows)
     assert set(imported.skipped) <= {"output_dir", "optimizer", "test_datasets", "(test split)"}
+
+
+def test_a_single_target_module_and_a_datasets_string_are_handled(tmp_path):
+    (tmp_path / "alpaca.jsonl").write_text((FIXTURES / "alpaca.jsonl").read_text())
+    (tmp_path / "a.yml").write_text("base_model: x/y\nadapter: lora\nlora_target_modules: q_proj\n"
+                                    "datasets:\n  - path: alpaca.jsonl\n    ds_type: json\n    type: alpaca\n")
+    assert import_axolotl(tmp_path / "a.yml").config["lora"]["target_modules"] == ["q_proj"]
+    (tmp_path / "b.yml").write_text("base_model: x/y\ndatasets: alpaca.jsonl\n")
+    with pytest.raises(TunewiseError) as err:
+        import_axolotl(tmp_path / "b.yml")
+    assert "must be lists of mappings" in str(err.value) and "b.yml" in str(err.value)

@@ -147,7 +147,8 @@ def _lora(raw: dict, used: set) -> dict:
     if raw.get("lora_target_linear"):
         lora["target_modules"] = "all-linear"
     elif raw.get("lora_target_modules"):
-        lora["target_modules"] = list(raw["lora_target_modules"])
+        targets = raw["lora_target_modules"]
+        lora["target_modules"] = [targets] if isinstance(targets, str) else list(targets)
     return lora
 
 
@@ -181,7 +182,11 @@ def _train(raw: dict, used: set, out: Imported) -> dict:
 
 def _data(raw: dict, source: Path, given: list[Path], out: Imported) -> dict:
     """data.path and data.map from `datasets:`; hub datasets take the `--data` files in order."""
-    datasets = list(raw.get("datasets") or [])
+    datasets = raw.get("datasets") or []
+    if not isinstance(datasets, list) or not isinstance(raw.get("test_datasets") or [], list):
+        raise TunewiseError("datasets and test_datasets must be lists of mappings (path, type)", file=source,
+                            field="datasets")
+    datasets = list(datasets)
     if raw.get("test_datasets"):  # a fixed validation set: tunewise makes its own val/test split from all rows
         datasets += list(raw["test_datasets"])
         out.skipped["test_datasets"] = ("read as data too: tunewise splits every row into train/val/test itself "
